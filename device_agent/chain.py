@@ -1,0 +1,285 @@
+"""Certificate chains: read any common encoding, find ours, verify it."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from device_agent.errors import ChainError
+
+logger = logging.getLogger(__name__)
+
+MAX_BUNDLE_BYTES = 1024 * 1024
+MAX_CERTIFICATES = 32
+MAX_DEPTH = 8
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]{1,40})-----(.*?)-----END \1-----", re.DOTALL
+)
+_CERT_LABELS = (b"CERTIFICATE", b"X509 CERTIFICATE")
+_PKCS7_LABELS = (b"PKCS7", b"CMS")
+
+
+def read_bundle(data: bytes) -> list[x509.Certificate]:
+    """Every certificate in PEM (any order), DER or PKCS#7 certs-only."""
+    if not data.strip():
+        raise ChainError("unreadable", "the file is empty")
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise ChainError("unreadable", f"larger than {MAX_BUNDLE_BYTES} bytes")
+
+    certs = _read_pem(data) if b"-----BEGIN" in data else _read_der(data)
+
+    if not certs:
+        raise ChainError("unreadable", "no certificate found")
+    if len(certs) > MAX_CERTIFICATES:
+        raise ChainError(
+            "unreadable", f"more than {MAX_CERTIFICATES} certificates"
+        )
+    return certs
+
+
+def _read_pem(data: bytes) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for match in _PEM_BLOCK.finditer(data):
+        label = match.group(1)
+        block = match.group(0)
+        try:
+            if label in _CERT_LABELS:
+                certs.append(x509.load_pem_x509_certificate(block))
+            elif label in _PKCS7_LABELS:
+                certs.extend(pkcs7.load_pem_pkcs7_certificates(block))
+            elif b"PRIVATE KEY" in label:
+                raise ChainError(
+                    "unreadable",
+                    "the file holds a private key; give certificates only",
+                )
+            else:
+                raise ChainError(
+                    "unreadable", f"unexpected PEM block {label.decode()!r}"
+                )
+        except ValueError as exc:
+            raise ChainError(
+                "unreadable", f"bad {label.decode()} block: {_first(exc)}"
+            ) from None
+    if not certs and b"-----BEGIN" in data:
+        raise ChainError("unreadable", "no complete PEM block")
+    return certs
+
+
+def _read_der(data: bytes) -> list[x509.Certificate]:
+    try:
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        pass
+    try:
+        return list(pkcs7.load_der_pkcs7_certificates(data))
+    except ValueError:
+        pass
+    raise ChainError(
+        "unreadable", "neither PEM, DER certificate nor PKCS#7 certificates"
+    )
+
+
+def _first(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def public_key_bytes(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER,
+        serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+
+
+def order_chain(
+    certs: Sequence[x509.Certificate], our_key: PublicKeyTypes
+) -> list[x509.Certificate]:
+    """Leaf first, then each issuer; certificates off that path dropped.
+
+    The leaf is the certificate that holds our public key, never simply
+    the first one in the file. Self-signed roots are dropped too: the
+    trust anchor comes from configuration, not from the bundle.
+    """
+    ours = public_key_bytes(our_key)
+    leaves = [c for c in certs if public_key_bytes(c.public_key()) == ours]
+    if not leaves:
+        raise ChainError(
+            "not-our-key", "no certificate in it holds this device's key"
+        )
+    leaf = max(leaves, key=lambda c: c.not_valid_before_utc)
+
+    chain = [leaf]
+    current = leaf
+    while len(chain) <= MAX_DEPTH and not _self_signed(current):
+        issuer = _find_issuer(current, certs)
+        if issuer is None or issuer in chain or _self_signed(issuer):
+            break
+        chain.append(issuer)
+        current = issuer
+    return chain
+
+
+def _find_issuer(
+    cert: x509.Certificate, pool: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    for candidate in pool:
+        if candidate is cert or candidate.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(candidate)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return candidate
+    return None
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def load_anchors(path: Path) -> list[x509.Certificate]:
+    """The trust anchors in a CA file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ChainError(
+            "unknown-ca", f"trust anchor {path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        return read_bundle(data)
+    except ChainError as exc:
+        raise ChainError(
+            "unknown-ca", f"trust anchor {path}: {exc.detail}"
+        ) from None
+
+
+def verify(
+    chain: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    device_id: str | None = None,
+    now: datetime.datetime | None = None,
+) -> None:
+    """Check a leaf-first chain as a client credential for this device.
+
+    Dates and purpose are checked first so the refusal can say which
+    one failed; then cryptography's verifier builds the path to one of
+    the anchors and checks every signature on it.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    leaf = chain[0]
+    for cert in chain:
+        _check_dates(cert, now, "certificate" if cert is leaf else "issuer")
+    _check_client_use(leaf)
+    if device_id is not None:
+        _check_identity(leaf, device_id)
+
+    policy = (
+        verification.PolicyBuilder()
+        .store(verification.Store(list(anchors)))
+        .time(now)
+        .max_chain_depth(MAX_DEPTH)
+        .extension_policies(
+            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=verification.ExtensionPolicy.permit_all(),
+        )
+    )
+    try:
+        policy.build_client_verifier().verify(leaf, list(chain[1:]))
+    except verification.VerificationError as exc:
+        raise ChainError(
+            "unknown-ca",
+            f"does not chain to the trust anchor ({_first(exc)})",
+        ) from None
+
+
+def _check_dates(
+    cert: x509.Certificate, now: datetime.datetime, what: str
+) -> None:
+    if now < cert.not_valid_before_utc:
+        raise ChainError(
+            "not-yet-valid",
+            f"{what} {_name(cert)} is valid only from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z",
+        )
+    if now > cert.not_valid_after_utc:
+        raise ChainError(
+            "expired",
+            f"{what} {_name(cert)} expired "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z",
+        )
+
+
+def _check_client_use(leaf: x509.Certificate) -> None:
+    try:
+        constraints = leaf.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise ChainError("not-client", "the certificate is a CA certificate")
+
+    try:
+        usages = leaf.extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage
+        ).value
+    except x509.ExtensionNotFound:
+        usages = None
+    allowed = {
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    }
+    if usages is not None and not allowed & set(usages):
+        raise ChainError(
+            "not-client", "the certificate is not for TLS client auth"
+        )
+
+    try:
+        key_usage = leaf.extensions.get_extension_for_class(
+            x509.KeyUsage
+        ).value
+    except x509.ExtensionNotFound:
+        key_usage = None
+    if key_usage is not None and not key_usage.digital_signature:
+        raise ChainError(
+            "not-client", "the certificate's key may not sign (keyUsage)"
+        )
+
+
+def _check_identity(leaf: x509.Certificate, device_id: str) -> None:
+    names = [
+        a.value
+        for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ]
+    if names != [device_id]:
+        raise ChainError(
+            "wrong-identity",
+            f"issued to {', '.join(map(str, names)) or 'no name'}, "
+            f"not {device_id}",
+        )
+
+
+def _name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return repr(str(names[0].value)) if names else "(no CN)"
+
+
+def to_pem(chain: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)

@@ -1,0 +1,1 @@
+"""The ``device-agent`` command line: one module per group of verbs."""

@@ -1,0 +1,90 @@
+"""``device-agent connect``: a one-shot mutual-TLS MQTT session."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import click
+
+from device_agent import credential
+from device_agent.cli.main import App, pass_app
+from device_agent.errors import SessionError
+
+
+@click.command()
+@click.option(
+    "--publish",
+    nargs=2,
+    metavar="TOPIC MESSAGE",
+    help="Publish MESSAGE to TOPIC (QoS 1).",
+)
+@click.option("--subscribe", "topic", metavar="TOPIC", help="Subscribe.")
+@click.option(
+    "--count",
+    type=click.IntRange(1, 1_000_000),
+    default=1,
+    show_default=True,
+    help="Messages to wait for with --subscribe.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 86400),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for messages.",
+)
+@click.option(
+    "--tls-max-version",
+    type=click.Choice(["1.2", "1.3"]),
+    help="Highest TLS version to offer.",
+)
+@pass_app
+def connect(
+    app: App,
+    publish: tuple[str, str] | None,
+    topic: str | None,
+    count: int,
+    timeout: float,
+    tls_max_version: str | None,
+) -> None:
+    """Connect to the broker with the device credential, then leave."""
+    settings = app.settings()
+    session = credential.open_session(settings, tls_max_version)
+    started = time.monotonic()
+    session.open()
+    try:
+        elapsed = (time.monotonic() - started) * 1000
+        click.echo(
+            f"connected to {session.host}:{session.port} as "
+            f"{session.client_id} over {session.tls_version} "
+            f"in {elapsed:.1f} ms"
+        )
+        if topic:
+            session.subscribe(topic)
+            click.echo(f"subscribed to {topic}")
+        if publish:
+            session.publish(publish[0], publish[1].encode())
+            click.echo(f"published to {publish[0]}")
+        if topic:
+            _receive(session.messages, count, timeout)
+    finally:
+        session.close()
+
+
+def _receive(messages: queue.Queue, count: int, timeout: float) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    for received in range(count):
+        left = deadline - time.monotonic()
+        try:
+            message = messages.get(timeout=max(left, 0.0))
+        except queue.Empty:
+            raise SessionError(
+                "timeout",
+                f"received {received} of {count} messages in {timeout:g} s",
+            ) from None
+        text = message.payload.decode("utf-8", "replace")
+        click.echo(f"{message.topic} {text}")
+
+
+COMMANDS = [connect]

@@ -1,0 +1,55 @@
+"""``device-agent keygen`` and ``csr``: a key and a request for it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from device_agent import credential
+from device_agent.cli.main import App, pass_app
+from device_agent.errors import CSRError
+from device_agent.store import write_atomic
+
+
+@click.command()
+@click.option(
+    "--force", is_flag=True, help="Make a new key even if one exists."
+)
+@pass_app
+def keygen(app: App, force: bool) -> None:
+    """Make the device key (in the TPM when there is one)."""
+    result = credential.keygen(app.settings(), force=force)
+    protection = (
+        "in the TPM"
+        if result["hardware_protected"]
+        else "in software: NOT hardware-protected"
+    )
+    click.echo(
+        f"key {result['generation']} made {protection}; "
+        f"public key sha256 {result['fingerprint']}"
+    )
+
+
+@click.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the CSR here instead of to stdout.",
+)
+@pass_app
+def csr(app: App, out: Path | None) -> None:
+    """Print a CSR signed by the device key."""
+    pem = credential.make_csr(app.settings())
+    if out is None:
+        sys.stdout.write(pem.decode())
+        return
+    try:
+        write_atomic(out, pem, mode=0o644)
+    except OSError as exc:
+        raise CSRError(f"{out}: {exc.strerror or exc}") from None
+    click.echo(f"wrote {out}", err=True)
+
+
+COMMANDS = [keygen, csr]

@@ -1,0 +1,143 @@
+"""The ``device-agent`` entry point: settings, logging and the error edge."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from device_agent import config
+from device_agent.errors import AgentError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR_EXIT = 70
+
+
+class App:
+    """What every command gets: where the config is, and the settings."""
+
+    def __init__(self, config_flag: Path | None, overrides: dict[str, str]):
+        self.config_path = config.config_path(config_flag, os.environ)
+        self.overrides = overrides
+        self._settings: config.Settings | None = None
+
+    def settings(self) -> config.Settings:
+        if self._settings is None:
+            self._settings = config.load(self.config_path, self.overrides)
+        return self._settings
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def _parse_overrides(values: Sequence[str]) -> dict[str, str]:
+    overrides = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(item, "--set takes FIELD=VALUE")
+        overrides[name.strip()] = value
+    return overrides
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_flag",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file [default: $DEVICE_AGENT_CONFIG, else "
+    "/etc/device-agent/agent.toml].",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override one setting (repeatable).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log state changes.")
+@click.option("--debug", is_flag=True, help="Log everything; tracebacks.")
+@click.version_option(package_name="device-agent")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_flag: Path | None,
+    overrides: tuple[str, ...],
+    verbose: bool,
+    debug: bool,
+) -> None:
+    """Identity agent: a device key in the TPM, its certificate, and a
+    mutual-TLS MQTT session made with it."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else None
+    _configure_logging(level or logging.WARNING)
+    if not debug:
+        # The TSS libraries print their own errors to stderr; the agent
+        # reports TPM failures itself, one line each.
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+    ctx.obj = App(config_flag, _parse_overrides(overrides))
+
+
+def _configure_logging(level: int) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    from device_agent.cli import chain, connect, keys, setup, status, tpm
+
+    for module in (setup, keys, chain, status, connect, tpm):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Run the CLI; errors become one line on stderr and an exit code."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return cli.main(
+            args=argv, prog_name="device-agent", standalone_mode=False
+        )
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        where = exc.ctx.command_path if exc.ctx else "device-agent"
+        click.echo(f"error: missing command (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except AgentError as exc:
+        if debug:
+            logger.exception("command failed")
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(
+            f"error: internal error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            err=True,
+        )
+        sys.exit(INTERNAL_ERROR_EXIT)

@@ -1,0 +1,107 @@
+"""``device-agent init``: write a config file for this device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from device_agent import config
+from device_agent.cli.main import App, pass_app
+from device_agent.errors import ConfigError
+from device_agent.store import write_atomic
+
+
+def _broker(value: str) -> tuple[str, int | None]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit():
+        raise ConfigError("broker", f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+@click.command()
+@click.option("--device-id", required=True, help="Unique id (the CN).")
+@click.option("--serial", help="Hardware serial number.")
+@click.option(
+    "--key-store",
+    type=click.Choice(config.KEY_STORES),
+    default="auto",
+    show_default=True,
+)
+@click.option("--tcti", default="device:/dev/tpmrm0", show_default=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/device-agent"),
+    show_default=True,
+)
+@click.option("--broker", metavar="HOST[:PORT]", required=True)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CA bundle the broker's certificate must chain to.",
+)
+@click.option(
+    "--trust-anchor",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA bundle our own chain must build to [default: --ca-file].",
+)
+@click.option("--server-name", help="Name in the broker's certificate.")
+@click.option("--force", is_flag=True, help="Replace an existing config.")
+@pass_app
+def init(
+    app: App,
+    device_id: str,
+    serial: str | None,
+    key_store: str,
+    tcti: str,
+    state_dir: Path,
+    broker: str,
+    ca_file: Path,
+    trust_anchor: Path | None,
+    server_name: str | None,
+    force: bool,
+) -> None:
+    """Write the config file for this device."""
+    host, port = _broker(broker)
+    values = {
+        "device_id": device_id,
+        "serial": serial,
+        "key_store": key_store,
+        "tcti": tcti,
+        "state_dir": str(state_dir.absolute()),
+        "broker_host": host,
+        "broker_port": port,
+        "ca_file": str(ca_file.absolute()),
+        "trust_anchor": str(trust_anchor.absolute()) if trust_anchor else None,
+        "server_name": server_name,
+    }
+    config.build(values)
+    for field, path in (("ca_file", ca_file), ("trust_anchor", trust_anchor)):
+        if path is not None and not path.is_file():
+            raise ConfigError(field, f"{path}: no such file")
+
+    target = app.config_path
+    if target.exists() and not force:
+        raise ConfigError(
+            str(target), "exists already; use --force to replace it"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, config.to_toml(values).encode(), mode=0o644)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+    except OSError as exc:
+        raise ConfigError(
+            str(exc.filename or target), exc.strerror or str(exc)
+        ) from None
+    click.echo(f"wrote {target}")
+
+
+COMMANDS = [init]

@@ -1,0 +1,253 @@
+"""Agent settings: a TOML file, then DEVICE_AGENT_* variables, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from device_agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/device-agent/agent.toml")
+CONFIG_ENV = "DEVICE_AGENT_CONFIG"
+ENV_PREFIX = "DEVICE_AGENT_"
+
+KEY_STORES = ("tpm", "software", "auto")
+TLS_VERSIONS = ("1.2", "1.3")
+MQTT_VERSIONS = ("5", "3.1.1")
+
+# A device id is a certificate CN and an MQTT topic level, so it must not
+# hold topic wildcards, separators or anything a shell would trip over.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
+_TCTI = re.compile(r"(swtpm|mssim|device|tabrmd|libtpms)(:.*)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the agent needs to know about its device and broker."""
+
+    device_id: str
+    state_dir: Path
+    serial: str | None = None
+    key_store: str = "auto"
+    tcti: str = "device:/dev/tpmrm0"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 8883
+    ca_file: Path | None = None
+    trust_anchor: Path | None = None
+    server_name: str | None = None
+    tls_min_version: str = "1.2"
+    mqtt_version: str = "5"
+    keepalive: int = 60
+    connect_timeout: float = 10.0
+    openssl_modules: Path | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.device_id
+
+    @property
+    def anchor_file(self) -> Path | None:
+        """The CA bundle our own chain must build to."""
+        return self.trust_anchor or self.ca_file
+
+    @property
+    def device_uri(self) -> str:
+        return f"urn:device-agent:{self.device_id}"
+
+    def require(self, name: str) -> Any:
+        """Return a setting a command cannot do without, or say it is unset."""
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(name, "is not set")
+        return value
+
+
+def _text(pattern: re.Pattern[str] | None, what: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return convert
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value) if isinstance(value, int | float) else value
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return str(text)
+
+    return convert
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be a whole number")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return convert
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number of seconds")
+    if not 0 < value <= 3600:
+        raise ValueError("must be more than 0 and at most 3600 seconds")
+    return float(value)
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ValueError("must be a path")
+    if "\0" in str(value):
+        raise ValueError("must not contain a NUL byte")
+    return Path(value).expanduser()
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 253:
+        raise ValueError("must be a host name or IP address")
+    if any(c.isspace() or c in "/@" for c in value):
+        raise ValueError("must be a host name or IP address")
+    return value
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "device_id": _text(_DEVICE_ID, "1-64 letters, digits, '.', '_' or '-'"),
+    "state_dir": _path,
+    "serial": _text(_SERIAL, "1-64 printable characters without spaces"),
+    "key_store": _choice(KEY_STORES),
+    "tcti": _text(_TCTI, "a TCTI such as swtpm:host=H,port=P or device:PATH"),
+    "broker_host": _host,
+    "broker_port": _integer(1, 65535),
+    "ca_file": _path,
+    "trust_anchor": _path,
+    "server_name": _host,
+    "tls_min_version": _choice(TLS_VERSIONS),
+    "mqtt_version": _choice(MQTT_VERSIONS),
+    "keepalive": _integer(5, 65535),
+    "connect_timeout": _seconds,
+    "openssl_modules": _path,
+}
+
+_PATH_FIELDS = ("state_dir", "ca_file", "trust_anchor", "openssl_modules")
+_REQUIRED = ("device_id", "state_dir")
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file into raw values; paths relative to it."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "is a directory") from None
+    except PermissionError:
+        raise ConfigError(str(path), "permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+
+    for name in _PATH_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, str) and value and not value.startswith("~"):
+            raw[name] = str(path.parent / value)
+    return raw
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Pick DEVICE_AGENT_<FIELD> variables out of an environment."""
+    values = {}
+    for name in _CONVERTERS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = environ[key]
+    return values
+
+
+def build(*layers: Mapping[str, Any]) -> Settings:
+    """Merge layers (later ones win) into checked settings.
+
+    A value of ``None`` in a layer means "not given here".
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            if name not in _CONVERTERS:
+                raise ConfigError(name, "unknown setting")
+            if value is not None:
+                merged[name] = value
+
+    settings: dict[str, Any] = {}
+    for name, value in merged.items():
+        try:
+            settings[name] = _CONVERTERS[name](value)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+
+    for name in _REQUIRED:
+        if name not in settings:
+            raise ConfigError(name, "is required")
+    return Settings(**settings)
+
+
+def config_path(flag: Path | None, environ: Mapping[str, str]) -> Path:
+    """The config file named by the flag, the environment, or the default."""
+    if flag is not None:
+        return flag
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def load(
+    path: Path,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the file at ``path``, then the environment, then ``overrides``."""
+    env = os.environ if environ is None else environ
+    return build(read_file(path), from_environment(env), overrides or {})
+
+
+def to_toml(values: Mapping[str, Any]) -> str:
+    """Write settings as TOML, in the field order of ``Settings``."""
+    lines = ["# device-agent configuration", ""]
+    for field in dataclasses.fields(Settings):
+        value = values.get(field.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            raise ConfigError(field.name, "must not be a boolean")
+        if isinstance(value, int | float):
+            lines.append(f"{field.name} = {value}")
+        else:
+            lines.append(f"{field.name} = {_toml_string(str(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(text: str) -> str:
+    # JSON string escapes are a subset of TOML basic-string escapes; TOML
+    # also forbids a raw DEL, which JSON leaves alone.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")

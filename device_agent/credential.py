@@ -1,0 +1,254 @@
+"""The device's credential: its key, its request, its chain, its session."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import shutil
+import ssl
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from device_agent import chain, csr, keys
+from device_agent.config import Settings
+from device_agent.errors import ChainError, KeyStoreError, StoreError
+from device_agent.keys.software import check_private_file
+from device_agent.session import Session
+from device_agent.store import CredentialStore, Generation
+
+logger = logging.getLogger(__name__)
+
+_NAMES = {NameOID.SERIAL_NUMBER: "serialNumber"}
+
+
+def open_store(settings: Settings) -> CredentialStore:
+    return CredentialStore(settings.state_dir)
+
+
+def keygen(settings: Settings, force: bool = False) -> dict[str, Any]:
+    """Make a key for the next certificate; the current one stays usable.
+
+    Without ``force`` an existing key is never replaced. With it, the new
+    key waits as "pending" and the credential in use is untouched until a
+    chain for the new key is installed.
+    """
+    store = open_store(settings)
+    with store.lock():
+        store.recover()
+        existing = store.pending() or store.current()
+        if existing is not None and not force:
+            raise KeyStoreError(
+                f"a key exists already (generation {existing.number}); "
+                "use --force to make a new one"
+            )
+        key_store = keys.choose(settings)
+        generation = store.new_generation()
+        try:
+            public_key = key_store.generate(
+                generation.key_path_for(key_store.key_suffix)
+            )
+        except BaseException:
+            shutil.rmtree(generation.path, ignore_errors=True)
+            raise
+        replaced = store.pending()
+        store.set_pending(generation)
+        if replaced is not None:
+            shutil.rmtree(replaced.path)
+
+    return {
+        "generation": generation.number,
+        "key_store": key_store.kind,
+        "hardware_protected": key_store.hardware_protected,
+        "fingerprint": fingerprint(public_key),
+    }
+
+
+def signing_generation(store: CredentialStore) -> Generation:
+    """The key a new request should carry: pending first, else current."""
+    generation = store.pending() or store.current()
+    if generation is None or generation.key_path() is None:
+        raise KeyStoreError("no key yet: run 'device-agent keygen' first")
+    return generation
+
+
+def make_csr(settings: Settings) -> bytes:
+    """A PEM CSR signed by the pending (or current) key."""
+    generation = signing_generation(open_store(settings))
+    key_path = _key_path(generation)
+    key_store = keys.for_key(key_path, settings)
+    with key_store.signer(key_path) as signer:
+        request = csr.build(
+            signer, settings.device_id, settings.device_uri, settings.serial
+        )
+    logger.info("CSR made for generation %d", generation.number)
+    return request.public_bytes(serialization.Encoding.PEM)
+
+
+def install_chain(
+    settings: Settings, data: bytes, now: datetime.datetime | None = None
+) -> x509.Certificate:
+    """Check a chain for one of our keys and make it the current one.
+
+    Everything is checked before anything is written, so a refused chain
+    leaves the store exactly as it was.
+    """
+    anchors = chain.load_anchors(settings.require("anchor_file"))
+    certificates = chain.read_bundle(data)
+    store = open_store(settings)
+    with store.lock():
+        target, ordered = _match_key(settings, store, certificates)
+        chain.verify(ordered, anchors, settings.device_id, now)
+        if target == store.current():
+            target = store.copy_key(target)
+        store.install(target, chain.to_pem(ordered))
+
+    leaf = ordered[0]
+    logger.info(
+        "certificate %x installed, valid until %s",
+        leaf.serial_number,
+        leaf.not_valid_after_utc,
+    )
+    return leaf
+
+
+def _match_key(
+    settings: Settings,
+    store: CredentialStore,
+    certificates: list[x509.Certificate],
+) -> tuple[Generation, list[x509.Certificate]]:
+    candidates = [g for g in (store.pending(), store.current()) if g]
+    if not candidates:
+        raise KeyStoreError("no key yet: run 'device-agent keygen' first")
+    for generation in candidates:
+        key_path = _key_path(generation)
+        public_key = keys.for_key(key_path, settings).public_key(key_path)
+        try:
+            return generation, chain.order_chain(certificates, public_key)
+        except ChainError as exc:
+            if exc.reason != "not-our-key":
+                raise
+    raise ChainError(
+        "not-our-key", "no certificate in it holds this device's key"
+    )
+
+
+def open_session(
+    settings: Settings, max_tls_version: str | None = None
+) -> Session:
+    """A session (not yet open) that presents the current credential."""
+    generation = open_store(settings).current()
+    if generation is None:
+        raise StoreError(
+            "no certificate installed yet: run 'device-agent install-chain'"
+        )
+    key_path = _key_path(generation)
+    kind = keys.kind_of(key_path)
+    if kind == "software":
+        check_private_file(key_path)
+    ca_file = settings.require("ca_file")
+
+    def context() -> ssl.SSLContext:
+        from device_agent import tls
+
+        if kind == "tpm":
+            tls.load_tpm_provider(settings.tcti, settings.openssl_modules)
+        return tls.client_context(
+            ca_file,
+            generation.chain_path,
+            key_path,
+            settings.tls_min_version,
+            max_tls_version,
+            settings.server_name,
+        )
+
+    return Session(
+        settings.broker_host,
+        settings.broker_port,
+        settings.client_id,
+        context,
+        mqtt_version=settings.mqtt_version,
+        keepalive=settings.keepalive,
+        connect_timeout=settings.connect_timeout,
+    )
+
+
+def status(
+    settings: Settings, now: datetime.datetime | None = None
+) -> dict[str, Any]:
+    """What a person or a monitor needs to know about this identity."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    store = open_store(settings)
+    current = store.current()
+    pending = store.pending()
+    report: dict[str, Any] = {
+        "device_id": settings.device_id,
+        "serial": settings.serial,
+        "key_store_setting": settings.key_store,
+        "state_dir": str(settings.state_dir),
+        "pending_generation": pending.number if pending else None,
+        "key": None,
+        "certificate": None,
+    }
+
+    generation = current or pending
+    key_path = generation.key_path() if generation else None
+    if generation is not None and key_path is not None:
+        kind = keys.kind_of(key_path)
+        report["key"] = {
+            "store": kind,
+            "hardware_protected": kind == "tpm",
+            "generation": generation.number,
+        }
+    if current is not None and current.chain_path.is_file():
+        report["certificate"] = _describe_leaf(current.chain_path, now)
+
+    report["tpm"] = _tpm_presence(settings)
+    return report
+
+
+def _describe_leaf(path: Path, now: datetime.datetime) -> dict[str, Any]:
+    leaf = chain.read_bundle(path.read_bytes())[0]
+    left = leaf.not_valid_after_utc - now
+    if now < leaf.not_valid_before_utc:
+        state = "not-yet-valid"
+    elif left.total_seconds() < 0:
+        state = "expired"
+    else:
+        state = "valid"
+    return {
+        "serial": f"{leaf.serial_number:x}",
+        "subject": leaf.subject.rfc4514_string(_NAMES),
+        "issuer": leaf.issuer.rfc4514_string(_NAMES),
+        "not_before": leaf.not_valid_before_utc.isoformat(),
+        "not_after": leaf.not_valid_after_utc.isoformat(),
+        "days_left": round(left.total_seconds() / 86400, 2),
+        "state": state,
+    }
+
+
+def _tpm_presence(settings: Settings) -> dict[str, Any]:
+    if settings.key_store == "software":
+        return {"checked": False, "tcti": settings.tcti}
+    from device_agent.keys.tpm import TPMKeyStore
+
+    present = TPMKeyStore(settings.tcti).answers()
+    return {"checked": True, "present": present, "tcti": settings.tcti}
+
+
+def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 of the DER public key, as hex: a name for a key."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(chain.public_key_bytes(public_key))
+    return digest.finalize().hex()
+
+
+def _key_path(generation: Generation) -> Path:
+    path = generation.key_path()
+    if path is None:
+        raise StoreError(f"generation {generation.number} holds no key")
+    return path
