@@ -12,11 +12,10 @@ from typing import Any
 import click
 
 from device_agent import config
-from device_agent.errors import AgentError, ConfigError
+from device_agent.cli import edge
+from device_agent.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-INTERNAL_ERROR_EXIT = 70
 
 
 class App:
@@ -103,41 +102,5 @@ _register()
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Run the CLI; errors become one line on stderr and an exit code."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        return cli.main(
-            args=argv, prog_name="device-agent", standalone_mode=False
-        )
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("error: aborted", err=True)
-        sys.exit(130)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        where = exc.ctx.command_path if exc.ctx else "device-agent"
-        click.echo(f"error: missing command (see '{where} --help')", err=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        hint = ""
-        if isinstance(exc, click.UsageError) and exc.ctx is not None:
-            hint = f" (see '{exc.ctx.command_path} --help')"
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
-        sys.exit(exc.exit_code)
-    except AgentError as exc:
-        if debug:
-            logger.exception("command failed")
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:
-        if debug:
-            raise
-        click.echo(
-            f"error: internal error: {type(exc).__name__}: {exc} "
-            "(run with --debug for the traceback)",
-            err=True,
-        )
-        sys.exit(INTERNAL_ERROR_EXIT)
+    """The ``device-agent`` command."""
+    return edge.run(cli, "device-agent", argv)

@@ -1,0 +1,57 @@
+"""Where errors become one line on stderr and an exit code, for every CLI."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import click
+
+from device_agent.errors import AgentError
+
+INTERNAL_ERROR_EXIT = 70
+INTERRUPTED_EXIT = 130
+
+
+def run(
+    group: click.Group, prog_name: str, argv: Sequence[str] | None = None
+) -> Any:
+    """Run a click group; no traceback reaches the user unless --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        return group.main(
+            args=args, prog_name=prog_name, standalone_mode=False
+        )
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        where = exc.ctx.command_path if exc.ctx else prog_name
+        _fail(f"missing command (see '{where} --help')", exc.exit_code)
+    except click.ClickException as exc:
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        _fail(f"{exc.format_message()}{hint}", exc.exit_code)
+    except AgentError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(str(exc), exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        _fail("interrupted", INTERRUPTED_EXIT)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            INTERNAL_ERROR_EXIT,
+        )
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"error: {first}", err=True)
+    sys.exit(code)

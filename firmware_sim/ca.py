@@ -1,0 +1,440 @@
+"""A manufacturing CA: a P-256 root and an intermediate that signs leafs."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from firmware_sim.errors import CAError
+
+logger = logging.getLogger(__name__)
+
+ROOT_CERT = "root.pem"
+ROOT_KEY = "root.key"
+INTERMEDIATE_CERT = "intermediate.pem"
+INTERMEDIATE_KEY = "intermediate.key"
+CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY)
+
+# Certificates start a little in the past so that a device whose clock
+# runs slightly behind the CA's still accepts what it was just given.
+BACKDATE = datetime.timedelta(minutes=5)
+
+CAPrivateKey = ec.EllipticCurvePrivateKey
+
+
+class CertificateAuthority:
+    """A root and an intermediate CA kept as PEM files in one directory."""
+
+    def __init__(
+        self,
+        directory: Path,
+        root: x509.Certificate,
+        root_key: CAPrivateKey,
+        intermediate: x509.Certificate,
+        intermediate_key: CAPrivateKey,
+    ) -> None:
+        self.directory = Path(directory)
+        self.root = root
+        self.intermediate = intermediate
+        self._root_key = root_key
+        self._intermediate_key = intermediate_key
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        name: str = "Device Factory",
+        days: int = 3650,
+    ) -> CertificateAuthority:
+        """Make a new root and intermediate in ``directory`` (made 0700).
+
+        Refuses to touch a directory that already holds any CA file.
+        """
+        directory = Path(directory)
+        existing = [f for f in CA_FILES if (directory / f).exists()]
+        if existing:
+            raise CAError(f"{directory} already holds a CA ({existing[0]})")
+
+        ca = cls._generate(directory, name, days)
+        ca._save()
+        logger.info("CA %r created in %s", name, directory)
+        return ca
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        """Read a CA that :meth:`create` wrote."""
+        directory = Path(directory)
+        ca = cls(
+            directory,
+            _read_cert(directory / ROOT_CERT),
+            _read_key(directory / ROOT_KEY),
+            _read_cert(directory / INTERMEDIATE_CERT),
+            _read_key(directory / INTERMEDIATE_KEY),
+        )
+        ca._check_pairs()
+        return ca
+
+    @property
+    def root_path(self) -> Path:
+        """The trust anchor file that verifiers of our leafs need."""
+        return self.directory / ROOT_CERT
+
+    @property
+    def intermediate_path(self) -> Path:
+        return self.directory / INTERMEDIATE_CERT
+
+    def sign_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        days: int = 365,
+        *,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+        eku: Sequence[x509.ObjectIdentifier] | None = None,
+        san: Sequence[x509.GeneralName] | None = None,
+    ) -> list[x509.Certificate]:
+        """Issue a client certificate for ``csr``; return [leaf, intermediate].
+
+        Subject and subjectAltName come from the CSR; ``san`` replaces the
+        latter. A leaf without subjectAltName fails the client verifier of
+        cryptography. ``not_before``, ``not_after`` and ``eku`` override
+        the defaults (now less a few minutes, ``days`` from now,
+        clientAuth) so that tests can make certificates a device must
+        refuse; an empty ``eku`` leaves the extension out.
+        """
+        if not csr.is_signature_valid:
+            raise CAError(f"CSR for {_describe(csr.subject)}: bad signature")
+
+        now = _now()
+        builder = _leaf_builder(
+            subject=csr.subject,
+            public_key=csr.public_key(),
+            not_before=not_before or now - BACKDATE,
+            not_after=not_after or now + datetime.timedelta(days=days),
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH] if eku is None else eku,
+        )
+        builder = _with_san(builder, csr, san)
+        leaf = self._issue(builder)
+        return [leaf, self.intermediate]
+
+    def issue_server_cert(
+        self,
+        hostnames_and_ips: Sequence[str] = ("localhost", "127.0.0.1"),
+        days: int = 365,
+    ) -> tuple[list[x509.Certificate], ec.EllipticCurvePrivateKey]:
+        """A serverAuth certificate and its new P-256 key, for a broker."""
+        if not hostnames_and_ips:
+            raise CAError("a server certificate needs at least one name")
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        builder = _leaf_builder(
+            subject=_name(hostnames_and_ips[0]),
+            public_key=key.public_key(),
+            not_before=now - BACKDATE,
+            not_after=now + datetime.timedelta(days=days),
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        ).add_extension(
+            x509.SubjectAlternativeName(
+                [_general_name(n) for n in hostnames_and_ips]
+            ),
+            critical=False,
+        )
+        return [self._issue(builder), self.intermediate], key
+
+    def crl(
+        self,
+        revoked_serials: Iterable[int] = (),
+        *,
+        next_update: datetime.timedelta = datetime.timedelta(days=1),
+        last_update: datetime.datetime | None = None,
+    ) -> bytes:
+        """A PEM CRL of the intermediate, revoking ``revoked_serials``.
+
+        OpenSSL refuses every leaf of an issuer whose CRL is past its next
+        update, so whoever serves this CRL must renew it before then.
+        """
+        last_update = last_update or _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.intermediate.subject)
+            .last_update(last_update)
+            .next_update(last_update + next_update)
+            .add_extension(x509.CRLNumber(_crl_number()), critical=False)
+            .add_extension(self._intermediate_aki(), critical=False)
+        )
+        for serial in revoked_serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(last_update)
+                .build()
+            )
+
+        crl = builder.sign(self._intermediate_key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def _generate(
+        cls, directory: Path, name: str, days: int
+    ) -> CertificateAuthority:
+        not_before = _now() - BACKDATE
+        not_after = not_before + datetime.timedelta(days=days)
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        intermediate_key = ec.generate_private_key(ec.SECP256R1())
+
+        root_name = _name(f"{name} Root CA", name)
+        root = _ca_builder(
+            root_name, root_name, root_key, root_key, not_before, not_after, 1
+        ).sign(root_key, hashes.SHA256())
+        intermediate = _ca_builder(
+            _name(f"{name} Intermediate CA", name),
+            root_name,
+            intermediate_key,
+            root_key,
+            not_before,
+            not_after,
+            0,
+        ).sign(root_key, hashes.SHA256())
+
+        return cls(directory, root, root_key, intermediate, intermediate_key)
+
+    def _save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+        _write_new(self.directory / ROOT_KEY, key_pem(self._root_key), 0o600)
+        _write_new(
+            self.directory / INTERMEDIATE_KEY,
+            key_pem(self._intermediate_key),
+            0o600,
+        )
+        _write_new(self.root_path, chain_pem([self.root]), 0o644)
+        _write_new(
+            self.intermediate_path, chain_pem([self.intermediate]), 0o644
+        )
+
+    def _check_pairs(self) -> None:
+        pairs = [
+            (ROOT_CERT, self.root, self._root_key),
+            (INTERMEDIATE_CERT, self.intermediate, self._intermediate_key),
+        ]
+        for file_name, cert, key in pairs:
+            if cert.public_key() != key.public_key():
+                raise CAError(
+                    f"{self.directory / file_name} does not match its key"
+                )
+
+    def _issue(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        cert = (
+            builder.issuer_name(self.intermediate.subject)
+            .add_extension(self._intermediate_aki(), critical=False)
+            .sign(self._intermediate_key, hashes.SHA256())
+        )
+        logger.info(
+            "issued %s serial %x, valid until %s",
+            _describe(cert.subject),
+            cert.serial_number,
+            cert.not_valid_after_utc.isoformat(),
+        )
+        return cert
+
+    def _intermediate_aki(self) -> x509.AuthorityKeyIdentifier:
+        ski = self.intermediate.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ski
+        )
+
+
+def chain_pem(certs: Iterable[x509.Certificate]) -> bytes:
+    """Certificates as concatenated PEM, in the order given."""
+    return b"".join(
+        cert.public_bytes(serialization.Encoding.PEM) for cert in certs
+    )
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _ca_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: CAPrivateKey,
+    issuer_key: CAPrivateKey,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    path_length: int,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.BasicConstraints(ca=True, path_length=path_length),
+            critical=True,
+        )
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                issuer_key.public_key()
+            ),
+            critical=False,
+        )
+    )
+
+
+def _leaf_builder(
+    subject: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    eku: Sequence[x509.ObjectIdentifier],
+) -> x509.CertificateBuilder:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.BasicConstraints(ca=False, path_length=None), critical=True
+        )
+        .add_extension(_LEAF_KEY_USAGE, critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key),
+            critical=False,
+        )
+    )
+    if eku:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(list(eku)), critical=False
+        )
+    return builder
+
+
+def _with_san(
+    builder: x509.CertificateBuilder,
+    csr: x509.CertificateSigningRequest,
+    override: Sequence[x509.GeneralName] | None,
+) -> x509.CertificateBuilder:
+    if override is not None:
+        san = x509.SubjectAlternativeName(override)
+    else:
+        try:
+            san = csr.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+        except x509.ExtensionNotFound:
+            return builder
+
+    # RFC 5280 wants subjectAltName critical when the subject is empty.
+    return builder.add_extension(san, critical=len(csr.subject) == 0)
+
+
+def _key_usage(*, leaf: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=leaf,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=not leaf,
+        crl_sign=not leaf,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+_CA_KEY_USAGE = _key_usage(leaf=False)
+_LEAF_KEY_USAGE = _key_usage(leaf=True)
+
+
+def _name(common_name: str, organization: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attributes.append(
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)
+        )
+    return x509.Name(attributes)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _describe(name: x509.Name) -> str:
+    return name.rfc4514_string() or "(empty subject)"
+
+
+def _crl_number() -> int:
+    # CRL numbers must grow with each CRL of an issuer. Microseconds since
+    # the epoch grow without a counter file that two processes would
+    # have to share.
+    return time.time_ns() // 1000
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def _read_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise CAError(f"{path}: no such file; run 'ca init' first") from None
+    except ValueError as exc:
+        raise CAError(f"{path}: not a PEM certificate ({exc})") from None
+
+
+def _read_key(path: Path) -> CAPrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except FileNotFoundError:
+        raise CAError(f"{path}: no such file; run 'ca init' first") from None
+    except (ValueError, TypeError) as exc:
+        raise CAError(f"{path}: not an unencrypted PEM key ({exc})") from None
+
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CAError(f"{path}: not an EC key")
+    return key
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    # O_EXCL makes a CA that appeared since the check fail instead of
+    # being overwritten; the mode applies from the first byte.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)

@@ -1,0 +1,36 @@
+"""The firmware-sim command: the world around a device, one group a verb."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from device_agent.cli import edge
+from firmware_sim.cli_ca import ca
+from firmware_sim.cli_demo import demo
+
+logger = logging.getLogger(__name__)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log state changes.")
+@click.option("--debug", is_flag=True, help="Log everything, show tracebacks.")
+def main(verbose: bool, debug: bool) -> None:
+    """Simulate the factory, registrar and broker around devices."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=logging.DEBUG if debug else level,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+main.add_command(ca)
+main.add_command(demo)
+
+
+def run(argv: Sequence[str] | None = None) -> Any:
+    """The ``firmware-sim`` command, with errors shown as one line."""
+    return edge.run(main, "firmware-sim", argv)

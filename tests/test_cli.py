@@ -1,0 +1,163 @@
+"""Every bad command line gets one line on stderr and a non-zero exit."""
+
+import subprocess
+import sys
+
+import pytest
+
+from device_agent.cli.main import main
+
+
+@pytest.fixture
+def config(tmp_path, factory_ca):
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'device_id = "d1"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        'key_store = "software"\n'
+        f'ca_file = "{factory_ca.root_path}"\n'
+        "broker_port = 1\n"
+    )
+    return path
+
+
+def run(capsys, *argv):
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(code, err):
+    assert code not in (0, None)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+
+
+BAD = [
+    ["no-such-verb"],
+    ["--no-such-option", "status"],
+    ["status", "--no-such-option"],
+    ["install-chain"],
+    ["install-chain", "/no/such/file.pem"],
+    ["install-chain", "a", "b"],
+    ["connect", "--count", "0"],
+    ["connect", "--count", "many"],
+    ["connect", "--timeout", "-1"],
+    ["connect", "--publish", "only-topic"],
+    ["connect", "--tls-max-version", "1.1"],
+    ["--set", "nonsense", "status"],
+    ["--set", "colour=blue", "status"],
+    ["--set", "broker_port=99999", "status"],
+    ["--set", "device_id=a b", "status"],
+    ["--set", "key_store=hsm", "keygen"],
+    ["--set", "tcti=bogus", "tpm", "info"],
+    ["--set", "tcti=swtpm:host=127.0.0.1,port=1", "tpm", "info"],
+    ["--set", "key_store=tpm", "--set", "tcti=device:/dev/nope", "keygen"],
+    ["csr"],
+    ["connect"],
+    ["tpm"],
+    ["tpm", "nope"],
+    ["init"],
+    ["init", "--device-id", "x"],
+    [
+        "init",
+        "--device-id",
+        "bad/id",
+        "--broker",
+        "h",
+        "--ca-file",
+        "/etc/hostname",
+    ],
+    [
+        "init",
+        "--device-id",
+        "x",
+        "--broker",
+        "h:port",
+        "--ca-file",
+        "/etc/hostname",
+    ],
+    ["init", "--device-id", "x", "--broker", "h:1", "--ca-file", "/no/file"],
+    [
+        "init",
+        "--device-id",
+        "x",
+        "--broker",
+        "h:1",
+        "--ca-file",
+        "/etc/hostname",
+        "--key-store",
+        "floppy",
+    ],
+]
+
+
+@pytest.mark.parametrize("argv", BAD, ids=[" ".join(a) for a in BAD])
+def test_bad_arguments(capsys, config, argv):
+    code, _, err = run(capsys, "--config", str(config), *argv)
+    assert_one_line(code, err)
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = run(
+        capsys, "--config", str(tmp_path / "none.toml"), "status"
+    )
+    assert_one_line(code, err)
+    assert "no such file" in err
+
+
+def test_broken_config_file(capsys, tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b"device_id = \xff\n")
+    code, _, err = run(capsys, "--config", str(path), "status")
+    assert_one_line(code, err)
+
+
+def test_config_from_environment(capsys, monkeypatch, config):
+    monkeypatch.setenv("DEVICE_AGENT_CONFIG", str(config))
+    monkeypatch.setenv("DEVICE_AGENT_BROKER_PORT", "0")
+    code, _, err = run(capsys, "status")
+    assert_one_line(code, err)
+    assert "broker_port" in err
+
+
+def test_init_refuses_to_replace_a_config(capsys, config):
+    before = config.read_bytes()
+    code, _, err = run(
+        capsys, "--config", str(config), "init", "--device-id", "x",
+        "--broker", "h:1", "--ca-file", "/etc/hostname",
+    )  # fmt: skip
+    assert_one_line(code, err)
+    assert config.read_bytes() == before
+
+
+def test_csr_out_to_a_directory(capsys, config, tmp_path):
+    assert run(capsys, "--config", str(config), "keygen")[0] == 0
+    code, _, err = run(
+        capsys, "--config", str(config), "csr", "--out", str(tmp_path)
+    )
+    assert_one_line(code, err)
+
+
+def test_connect_to_nothing_says_unreachable(capsys, config):
+    assert run(capsys, "--config", str(config), "keygen")[0] == 0
+    code, _, err = run(capsys, "--config", str(config), "connect")
+    assert_one_line(code, err)
+
+
+def test_as_a_separate_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "device_agent", "--config",
+         str(tmp_path / "x.toml"), "status"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr

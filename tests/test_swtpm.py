@@ -1,0 +1,225 @@
+"""swtpm control: start, status across processes, flush, ports, CLI."""
+
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+from conftest import edge_command
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_RC
+from tpm2_pytss.tsskey import TSSPrivKey
+from tpm2_pytss.types import TPM2B_PUBLIC
+
+from tpm_simulator import cli
+from tpm_simulator.errors import PortInUseError, SimulatorError
+from tpm_simulator.ports import HIGHEST, free_port, free_port_pair
+from tpm_simulator.swtpm import Swtpm
+
+PERSISTENT = 0x81000010
+
+
+def test_started_swtpm_answers_and_names_its_tcti(swtpm):
+    assert swtpm.running
+    assert swtpm.answers()
+    assert swtpm.tcti == f"swtpm:host=127.0.0.1,port={swtpm.port}"
+    assert int(swtpm.pid_path.read_text()) == swtpm.pid
+
+    with ESAPI(swtpm.tcti) as ectx:
+        assert len(ectx.get_random(16)) == 16
+
+
+def test_stop_ends_the_process_and_removes_the_pid_file(swtpm):
+    pid = swtpm.pid
+
+    swtpm.stop()
+
+    assert not swtpm.running
+    assert not swtpm.pid_path.exists()
+    assert not _alive(pid)
+    assert swtpm.status()["running"] is False
+    swtpm.stop()  # stopping a stopped swtpm is a no-op
+
+
+def test_state_survives_a_restart(swtpm):
+    with ESAPI(swtpm.tcti) as ectx:
+        primary = _create_primary(ectx)
+        ectx.evict_control(ESYS_TR.OWNER, primary, PERSISTENT)
+
+    swtpm.stop()
+    swtpm.start()
+
+    assert PERSISTENT in _persistent_handles(swtpm)
+
+
+def test_status_and_stop_work_from_another_process(swtpm):
+    status = _run_cli("status", "--state-dir", str(swtpm.state_dir))
+    assert status.returncode == 0, status.stderr
+    assert f"pid: {swtpm.pid}" in status.stdout
+    assert "answers: True" in status.stdout
+
+    stopped = _run_cli("stop", "--state-dir", str(swtpm.state_dir))
+    assert stopped.returncode == 0, stopped.stderr
+    assert not swtpm.running
+
+    status = _run_cli("status", "--state-dir", str(swtpm.state_dir))
+    assert status.returncode == 3
+    assert "running: False" in status.stdout
+
+
+def test_starting_twice_is_refused(swtpm):
+    with pytest.raises(SimulatorError, match="already runs"):
+        Swtpm(swtpm.state_dir, swtpm.port).start()
+
+
+def test_a_taken_port_is_reported_as_such(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+
+        with pytest.raises(PortInUseError) as info:
+            Swtpm(tmp_path / "tpm", port).start()
+
+    assert info.value.port == port
+
+
+def test_flush_frees_the_slots_a_killed_client_left(swtpm):
+    """A SIGKILLed client's loaded keys stay in swtpm until flushed."""
+    blob = _load_and_die(swtpm, loads=2)
+    assert len(swtpm.transient_handles()) == 2
+
+    # Loading needs a slot for the parent too: two leftovers fill swtpm.
+    key = TSSPrivKey.from_pem(blob)
+    with ESAPI(swtpm.tcti) as ectx, pytest.raises(TSS2_Exception) as info:
+        key.load(ectx)
+    assert info.value.error == TPM2_RC.OBJECT_MEMORY
+
+    assert swtpm.flush() == 2
+    assert swtpm.transient_handles() == []
+    with ESAPI(swtpm.tcti) as ectx:
+        ectx.flush_context(key.load(ectx))
+
+
+def test_flush_of_an_empty_tpm_flushes_nothing(swtpm):
+    assert swtpm.flush() == 0
+
+
+def test_commands_are_logged_for_counting(swtpm):
+    before = swtpm.commands_logged()
+
+    with ESAPI(swtpm.tcti) as ectx:
+        for _ in range(3):
+            ectx.get_random(8)
+
+    assert swtpm.commands_logged() >= before + 3
+
+
+def test_context_manager_starts_and_stops(tmp_path):
+    tpm = Swtpm(tmp_path / "tpm", free_port_pair())
+
+    with tpm:
+        assert tpm.answers()
+
+    assert not tpm.running
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_bindable():
+    first = free_port_pair()
+    single = free_port()
+
+    assert first + 1 <= HIGHEST
+    assert single <= HIGHEST
+    assert single not in (first, first + 1)
+    for port in (first, first + 1, single):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_cli_start_flush_stop(tmp_path):
+    state = str(tmp_path / "tpm")
+    runner = CliRunner()
+
+    started = runner.invoke(
+        edge_command(cli.run), ["start", "--state-dir", state]
+    )
+    assert started.exit_code == 0, started.output
+    try:
+        assert started.output.startswith("swtpm:host=127.0.0.1,port=")
+        flushed = runner.invoke(
+            edge_command(cli.run), ["flush", "--state-dir", state]
+        )
+        assert flushed.output == "flushed 0\n"
+    finally:
+        stopped = runner.invoke(
+            edge_command(cli.run), ["stop", "--state-dir", state]
+        )
+    assert stopped.exit_code == 0
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    result = _run_cli("stop", "--state-dir", str(tmp_path / "none"))
+
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "no swtpm was started" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "tpm_simulator", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _load_and_die(swtpm, loads):
+    """Create a key, load it ``loads`` times in a child, SIGKILL the child."""
+    with ESAPI(swtpm.tcti) as ectx:
+        blob = TSSPrivKey.create_ecc(ectx).to_pem()
+
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        from tpm2_pytss import ESAPI
+        from tpm2_pytss.tsskey import TSSPrivKey
+        key = TSSPrivKey.from_pem(sys.stdin.buffer.read())
+        ectx = ESAPI({swtpm.tcti!r})
+        for _ in range({loads}):
+            key.load(ectx)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", child], input=blob, timeout=30, check=False
+    )
+    assert done.returncode == -signal.SIGKILL
+    return blob
+
+
+def _create_primary(ectx):
+    template = TPM2B_PUBLIC.parse(
+        "ecc256:aes128cfb",
+        objectAttributes="fixedtpm|fixedparent|sensitivedataorigin"
+        "|userwithauth|restricted|decrypt|noda",
+    )
+    handle, *_ = ectx.create_primary(None, template)
+    return handle
+
+
+def _persistent_handles(swtpm):
+    with ESAPI(swtpm.tcti) as ectx:
+        _, data = ectx.get_capability(TPM2_CAP.HANDLES, 0x81000000, 64)
+    return list(data.data.handles)
+
+
+def _alive(pid):
+    """Whether ``pid`` runs; a zombie that init has yet to reap does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,1 @@
+"""A software TPM (swtpm) on loopback for bring-up and tests."""
