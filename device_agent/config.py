@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +48,15 @@ class Settings:
     keepalive: int = 60
     connect_timeout: float = 10.0
     openssl_modules: Path | None = None
+    heartbeat_interval: float = 60.0
+    renew_fraction: float = 2 / 3
+    renew_jitter: float = 0.05
+    renew_floor: float = 60.0
+    retry_base: float = 10.0
+    retry_cap: float = 3600.0
+    clock_skew: float = 300.0
+    enroll_timeout: float = 30.0
+    renewal_hook: str | None = None
 
     @property
     def client_id(self) -> str:
@@ -56,6 +66,14 @@ class Settings:
     def anchor_file(self) -> Path | None:
         """The CA bundle our own chain must build to."""
         return self.trust_anchor or self.ca_file
+
+    @property
+    def heartbeat_topic(self) -> str:
+        return f"devices/{self.device_id}/heartbeat"
+
+    @property
+    def status_file(self) -> Path:
+        return self.state_dir / "status.json"
 
     @property
     def device_uri(self) -> str:
@@ -103,17 +121,30 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
     return convert
 
 
-def _seconds(value: Any) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError("must be a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a number of seconds")
-    if not 0 < value <= 3600:
-        raise ValueError("must be more than 0 and at most 3600 seconds")
-    return float(value)
+def _number(low: float, high: float, what: str) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"must be {what}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be {what}")
+        if not low <= value <= high:
+            raise ValueError(f"must be {what} from {low:g} to {high:g}")
+        return float(value)
+
+    return convert
+
+
+def _command(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a command line")
+    try:
+        shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid command line: {exc}") from None
+    return value
 
 
 def _path(value: Any) -> Path:
@@ -146,8 +177,17 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "tls_min_version": _choice(TLS_VERSIONS),
     "mqtt_version": _choice(MQTT_VERSIONS),
     "keepalive": _integer(5, 65535),
-    "connect_timeout": _seconds,
+    "connect_timeout": _number(0.1, 3600, "seconds"),
     "openssl_modules": _path,
+    "heartbeat_interval": _number(0.1, 86400, "seconds"),
+    "renew_fraction": _number(0.1, 0.95, "a fraction of the lifetime"),
+    "renew_jitter": _number(0, 0.5, "a fraction of the lifetime"),
+    "renew_floor": _number(0, 365 * 86400, "seconds"),
+    "retry_base": _number(0.1, 86400, "seconds"),
+    "retry_cap": _number(0.1, 7 * 86400, "seconds"),
+    "clock_skew": _number(0, 86400, "seconds"),
+    "enroll_timeout": _number(1, 3600, "seconds"),
+    "renewal_hook": _command,
 }
 
 _PATH_FIELDS = ("state_dir", "ca_file", "trust_anchor", "openssl_modules")
@@ -209,7 +249,10 @@ def build(*layers: Mapping[str, Any]) -> Settings:
     for name in _REQUIRED:
         if name not in settings:
             raise ConfigError(name, "is required")
-    return Settings(**settings)
+    made = Settings(**settings)
+    if made.retry_cap < made.retry_base:
+        raise ConfigError("retry_cap", "must not be below retry_base")
+    return made
 
 
 def config_path(flag: Path | None, environ: Mapping[str, str]) -> Path:

@@ -138,15 +138,25 @@ def _match_key(
 
 
 def open_session(
-    settings: Settings, max_tls_version: str | None = None
+    settings: Settings,
+    generation: Generation | None = None,
+    lineage: str = "idevid",
+    max_tls_version: str | None = None,
 ) -> Session:
-    """A session (not yet open) that presents the current credential."""
-    generation = open_store(settings).current()
+    """A session (not yet open) that presents a credential.
+
+    Without ``generation`` it is the lineage's current one. Each
+    generation connects under its own client id, so that a session with
+    a new credential can open while the old one is still up.
+    """
+    if generation is None:
+        generation = CredentialStore(settings.state_dir, lineage).current()
     if generation is None:
         raise StoreError(
             "no certificate installed yet: run 'device-agent install-chain'"
         )
     key_path = _key_path(generation)
+    chain_path = generation.chain_path
     kind = keys.kind_of(key_path)
     if kind == "software":
         check_private_file(key_path)
@@ -159,7 +169,7 @@ def open_session(
             tls.load_tpm_provider(settings.tcti, settings.openssl_modules)
         return tls.client_context(
             ca_file,
-            generation.chain_path,
+            chain_path,
             key_path,
             settings.tls_min_version,
             max_tls_version,
@@ -169,45 +179,76 @@ def open_session(
     return Session(
         settings.broker_host,
         settings.broker_port,
-        settings.client_id,
+        f"{settings.client_id}.{lineage}.{generation.number}",
         context,
         mqtt_version=settings.mqtt_version,
         keepalive=settings.keepalive,
         connect_timeout=settings.connect_timeout,
+        reconnect_base=min(1.0, settings.retry_base),
+        reconnect_cap=settings.retry_cap,
     )
 
 
 def status(
     settings: Settings, now: datetime.datetime | None = None
 ) -> dict[str, Any]:
-    """What a person or a monitor needs to know about this identity."""
+    """What a person or a monitor needs to know about this device."""
+    from device_agent.renewal import FACTORY, OPERATIONAL
+
     now = now or datetime.datetime.now(datetime.UTC)
-    store = open_store(settings)
-    current = store.current()
-    pending = store.pending()
     report: dict[str, Any] = {
         "device_id": settings.device_id,
         "serial": settings.serial,
         "key_store_setting": settings.key_store,
         "state_dir": str(settings.state_dir),
+        "identities": {
+            lineage: _describe_lineage(settings, lineage, now)
+            for lineage in (FACTORY, OPERATIONAL)
+        },
+        "agent": _agent_status(settings),
+    }
+    report["tpm"] = _tpm_presence(settings)
+    return report
+
+
+def _describe_lineage(
+    settings: Settings, lineage: str, now: datetime.datetime
+) -> dict[str, Any]:
+    store = CredentialStore(settings.state_dir, lineage)
+    current = store.current()
+    pending = store.pending()
+    described: dict[str, Any] = {
         "pending_generation": pending.number if pending else None,
         "key": None,
         "certificate": None,
     }
-
     generation = current or pending
     key_path = generation.key_path() if generation else None
     if generation is not None and key_path is not None:
         kind = keys.kind_of(key_path)
-        report["key"] = {
+        described["key"] = {
             "store": kind,
             "hardware_protected": kind == "tpm",
             "generation": generation.number,
         }
     if current is not None and current.chain_path.is_file():
-        report["certificate"] = _describe_leaf(current.chain_path, now)
+        described["certificate"] = _describe_leaf(current.chain_path, now)
+    return described
 
-    report["tpm"] = _tpm_presence(settings)
+
+def _agent_status(settings: Settings) -> dict[str, Any] | None:
+    """What the running agent last wrote, or None when it never ran."""
+    import json
+
+    from device_agent.agent import running_pid
+
+    try:
+        report = json.loads(settings.status_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    report["running"] = running_pid(settings.state_dir) is not None
     return report
 
 
@@ -252,3 +293,65 @@ def _key_path(generation: Generation) -> Path:
     if path is None:
         raise StoreError(f"generation {generation.number} holds no key")
     return path
+
+
+def best_credential(
+    settings: Settings, now: datetime.datetime | None = None
+) -> tuple[str, Generation]:
+    """The operational credential while it is valid, else the factory one."""
+    from device_agent.renewal import FACTORY, OPERATIONAL
+
+    now = now or datetime.datetime.now(datetime.UTC)
+    for lineage in (OPERATIONAL, FACTORY):
+        generation = CredentialStore(settings.state_dir, lineage).current()
+        if generation is None:
+            continue
+        if lineage == FACTORY:
+            return lineage, generation
+        leaf = chain.read_bundle(generation.chain_path.read_bytes())[0]
+        if leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+            return lineage, generation
+    raise StoreError(
+        "no certificate installed yet: run 'device-agent install-chain'"
+    )
+
+
+def renew_once(settings: Settings) -> x509.Certificate:
+    """One renewal over a session of its own, for ``renew --now``."""
+    from device_agent.enroll.mqtt import MqttEnroller
+    from device_agent.renewal import OPERATIONAL, renew
+
+    lineage, generation = best_credential(settings)
+    session = open_session(settings, generation, lineage)
+    session.open()
+    try:
+        renewed = renew(
+            settings,
+            MqttEnroller(session, settings.device_id),
+            lambda g: open_session(settings, g, OPERATIONAL),
+        )
+    finally:
+        session.close()
+
+    try:
+        # One acknowledged message proves the new credential works; only
+        # then are the old keys destroyed.
+        renewed.session.publish(settings.heartbeat_topic, b'{"renewed":true}')
+        store = CredentialStore(settings.state_dir, OPERATIONAL)
+        with store.lock():
+            store.retire_others()
+    finally:
+        renewed.session.close()
+    return renewed.leaf
+
+
+def reset(settings: Settings) -> int:
+    """Destroy the operational lineage; return how many generations went."""
+    from device_agent.renewal import OPERATIONAL, RENEWAL_LOCK
+
+    store = CredentialStore(settings.state_dir, OPERATIONAL)
+    with store.lock(timeout=0.5, name=RENEWAL_LOCK), store.lock():
+        count = len(store.generations())
+        store.destroy()
+    logger.info("operational identity destroyed (%d generations)", count)
+    return count

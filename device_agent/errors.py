@@ -80,3 +80,38 @@ class SessionError(AgentError):
         self.reason = reason
         self.detail = detail
         self.code = code
+
+
+class EnrollError(AgentError):
+    """No certificate came back for a request.
+
+    ``reason`` is the registrar's refusal code, or ``timeout`` or
+    ``unreachable``; ``permanent`` says another try cannot help (the
+    device is unknown, revoked or decommissioned); ``retry_after`` is the
+    registrar's wish in seconds, if it said one.
+    """
+
+    exit_code = 8
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str,
+        retry_after: float | None = None,
+        permanent: bool = False,
+    ) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.permanent = permanent
+
+
+class RenewalError(AgentError):
+    """A renewal transaction stopped; the active credential is unchanged."""
+
+    exit_code = 9
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(f"renewal failed at {step}: {detail}")
+        self.step = step
+        self.detail = detail

@@ -77,6 +77,7 @@ class Session:
         self._stop = threading.Event()
         self._last_error: str | None = None
         self._subscriptions: dict[str, int] = {}
+        self._handlers: dict[str, Callable[[Message], None]] = {}
         self._acks: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._acks_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -85,6 +86,11 @@ class Session:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last connect failed or the link dropped, if it did."""
+        return self._last_error
 
     def open(self) -> None:
         """Connect once, and keep the session up from then on."""
@@ -115,10 +121,20 @@ class Session:
                 )
 
     def subscribe(
-        self, topic: str, qos: int = 1, timeout: float = 10.0
+        self,
+        topic: str,
+        qos: int = 1,
+        timeout: float = 10.0,
+        handler: Callable[[Message], None] | None = None,
     ) -> None:
-        """Subscribe and wait for the broker to grant it."""
+        """Subscribe and wait for the broker to grant it.
+
+        Messages matching ``topic`` go to ``handler`` (called on the
+        network thread) when one is given, else to :attr:`messages`.
+        """
         client = self._require_client()
+        if handler is not None:
+            self._handlers[topic] = handler
         event = threading.Event()
         granted: list[Any] = []
         # The SUBACK can arrive before subscribe() returns its message id;
@@ -295,9 +311,15 @@ class Session:
         self._changed.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self.messages.put(
-            Message(msg.topic, bytes(msg.payload), msg.qos, msg.retain)
-        )
+        message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.retain)
+        for pattern, handler in list(self._handlers.items()):
+            if mqtt.topic_matches_sub(pattern, msg.topic):
+                try:
+                    handler(message)
+                except Exception:  # a handler must not kill paho's thread
+                    logger.exception("handler for %s failed", pattern)
+                return
+        self.messages.put(message)
 
     def _on_subscribe(
         self, client: Any, userdata: Any, mid: int, codes: Any, props: Any

@@ -67,10 +67,16 @@ class CredentialStore:
         self._generations = self.root / "generations"
 
     @contextlib.contextmanager
-    def lock(self, timeout: float = 10.0) -> Iterator[None]:
-        """Hold the store's lock, waiting up to ``timeout`` seconds."""
+    def lock(
+        self, timeout: float = 10.0, name: str = _LOCK_NAME
+    ) -> Iterator[None]:
+        """Hold a lock of the state directory, waiting up to ``timeout``.
+
+        The default lock guards short changes to the pointers; other names
+        guard longer work, such as a whole renewal.
+        """
         _make_private_dir(self.state_dir)
-        path = self.state_dir / _LOCK_NAME
+        path = self.state_dir / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = time.monotonic() + timeout
@@ -83,8 +89,7 @@ class CredentialStore:
                         raise
                     if time.monotonic() >= deadline:
                         raise StoreError(
-                            f"{self.state_dir} is locked by another "
-                            "device-agent process"
+                            f"{path} is held by another device-agent process"
                         ) from None
                     time.sleep(0.05)
             yield
@@ -126,15 +131,54 @@ class CredentialStore:
 
     def install(self, generation: Generation, chain_pem: bytes) -> None:
         """Give ``generation`` its chain and make it the current one."""
+        self.stage(generation, chain_pem)
+        self.commit(generation)
+
+    def stage(self, generation: Generation, chain_pem: bytes) -> None:
+        """Give ``generation`` its chain without putting it in use."""
         if generation.chain_path.exists():
             raise StoreError(f"generation {generation.number} is sealed")
         write_atomic(generation.chain_path, chain_pem, mode=0o644)
+
+    def commit(self, generation: Generation) -> None:
+        """Make a staged generation the current one."""
+        if not generation.complete():
+            raise StoreError(f"generation {generation.number} is incomplete")
         self._point("current", generation)
         if self.pending() == generation:
             self._unpoint("pending")
         logger.info(
             "%s generation %d is now current", self.lineage, generation.number
         )
+
+    def discard(self, generation: Generation) -> None:
+        """Delete a generation that is not in use, key and all."""
+        if generation == self.current():
+            raise StoreError(f"generation {generation.number} is in use")
+        if generation == self.pending():
+            self._unpoint("pending")
+        shutil.rmtree(generation.path, ignore_errors=True)
+        _fsync_dir(self._generations)
+
+    def retire_others(self) -> list[int]:
+        """Delete every generation but the current one; their keys too."""
+        current = self.current()
+        if current is None:
+            return []
+        retired = []
+        for generation in self.generations():
+            if generation != current:
+                self.discard(generation)
+                retired.append(generation.number)
+        return retired
+
+    def destroy(self) -> None:
+        """Delete the whole lineage: every key and certificate in it."""
+        if self.root.exists():
+            for name in ("current", "pending"):
+                self._unpoint(name)
+            shutil.rmtree(self.root)
+            _fsync_dir(self.state_dir)
 
     def copy_key(self, source: Generation) -> Generation:
         """A new generation holding the same key as ``source``."""

@@ -11,6 +11,7 @@ import click
 from device_agent.cli import edge
 from firmware_sim.cli_ca import ca
 from firmware_sim.cli_demo import demo
+from firmware_sim.cli_registrar import registrar
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def main(verbose: bool, debug: bool) -> None:
 
 main.add_command(ca)
 main.add_command(demo)
+main.add_command(registrar)
 
 
 def run(argv: Sequence[str] | None = None) -> Any:

@@ -314,3 +314,106 @@ def mqtt_probe() -> Iterator[Callable[[str], MqttProbe]]:
 
     for probe in probes:
         probe.close()
+
+
+@dataclasses.dataclass
+class RegistrarWorld:
+    """A factory CA, an operational CA, a broker and a running registrar.
+
+    ``ca_bundle`` holds both roots: the broker trusts it for client
+    certificates (IDevIDs from the factory, LDevIDs and the registrar's
+    from the operational CA), and clients verify the broker with it.
+    ``crl_path`` holds one CRL per issuing intermediate, as mosquitto
+    needs once a crlfile is set. ``device_id`` is registered and active.
+    ``layout`` is a ``firmware_sim.registrar.Layout``, ``registry`` a
+    ``Registry`` and ``registrar`` the running ``Registrar``.
+    """
+
+    broker: Broker
+    ca_bundle: Path
+    crl_path: Path
+    factory_ca: CertificateAuthority
+    operational_ca: CertificateAuthority
+    layout: Any
+    registry: Any
+    registrar: Any
+    device_id: str = "dev-1"
+    host: str = "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    @property
+    def operational_root(self) -> Path:
+        return self.operational_ca.root_path
+
+    def start_registrar(self, **options: Any) -> Any:
+        """Replace the running registrar with one made with ``options``."""
+        from firmware_sim.registrar import Registrar
+
+        if self.registrar is not None:
+            self.registrar.stop()
+        options.setdefault("lifetime", REGISTRAR_LIFETIME)
+        self.registrar = Registrar(
+            self.operational_ca,
+            self.registry,
+            self.host,
+            self.port,
+            self.ca_bundle,
+            self.layout.chain_path,
+            self.layout.key_path,
+            **options,
+        )
+        self.registrar.start()
+        return self.registrar
+
+
+REGISTRAR_LIFETIME = 30
+
+
+@pytest.fixture
+def registrar_world(
+    tmp_path: Path,
+    factory_ca: CertificateAuthority,
+    broker_factory: Callable[..., Broker],
+) -> Iterator[RegistrarWorld]:
+    """Everything a device needs to enroll: see :class:`RegistrarWorld`.
+
+    The registrar issues certificates valid for 30 seconds.
+    """
+    from firmware_sim import registrar
+    from firmware_sim.registry import Registry
+
+    layout = registrar.prepare(tmp_path / "registrar")
+    operational_ca = CertificateAuthority.load(layout.ca_dir)
+    bundle = tmp_path / "client-cas.pem"
+    bundle.write_bytes(
+        factory_ca.root_path.read_bytes() + layout.root_path.read_bytes()
+    )
+    crl_path = tmp_path / "crls.pem"
+    crl_path.write_bytes(factory_ca.crl() + operational_ca.crl())
+
+    broker = broker_factory(
+        ca_file=bundle,
+        crl_file=crl_path,
+        service_users={registrar.NAME: list(registrar.ACL_TOPICS)},
+    )
+    registry = Registry(layout.registry_path)
+    world = RegistrarWorld(
+        broker=broker,
+        ca_bundle=bundle,
+        crl_path=crl_path,
+        factory_ca=factory_ca,
+        operational_ca=operational_ca,
+        layout=layout,
+        registry=registry,
+        registrar=None,
+    )
+    registry.add(world.device_id)
+    world.start_registrar()
+
+    yield world
+
+    world.registrar.stop()
+    registry.close()

@@ -3,82 +3,18 @@
 from __future__ import annotations
 
 import datetime
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from device_cli import Device
 
 from firmware_sim.ca import CertificateAuthority, chain_pem
 
 NOW = datetime.datetime.now(datetime.UTC)
-
-
-class Device:
-    """A device driven by ``device-agent`` processes, as a person would."""
-
-    def __init__(self, tmp_path: Path, tcti: str | None) -> None:
-        self.dir = tmp_path / "device"
-        self.config = self.dir / "agent.toml"
-        self.state = self.dir / "state"
-        self.tcti = tcti
-        self.id = "dev-0042"
-
-    def run(self, *args: str, check: bool = True, stdin: bytes | None = None):
-        result = subprocess.run(
-            [sys.executable, "-m", "device_agent", "--config",
-             str(self.config), *args],
-            capture_output=True,
-            input=stdin,
-            timeout=60,
-            check=False,
-        )  # fmt: skip
-        result.out = result.stdout.decode()
-        result.err = result.stderr.decode()
-        if check and result.returncode != 0:
-            raise AssertionError(f"{args} failed: {result.err}")
-        return result
-
-    def init(self, port: int, ca_file: Path, *extra: str):
-        store = "tpm" if self.tcti else "software"
-        args = [
-            "init", "--device-id", self.id, "--serial", "SN42",
-            "--key-store", store, "--state-dir", str(self.state),
-            "--broker", f"127.0.0.1:{port}", "--ca-file", str(ca_file),
-            *extra,
-        ]  # fmt: skip
-        if self.tcti:
-            args += ["--tcti", self.tcti]
-        return self.run(*args)
-
-    def csr(self) -> x509.CertificateSigningRequest:
-        return x509.load_pem_x509_csr(self.run("csr").stdout)
-
-    def enroll(self, ca: CertificateAuthority, **sign) -> Path:
-        self.run("keygen")
-        chain = ca.sign_csr(self.csr(), **sign)
-        path = self.dir / "chain.pem"
-        path.write_bytes(chain_pem(chain))
-        self.run("install-chain", str(path))
-        return path
-
-    def snapshot(self) -> dict[str, bytes | str]:
-        """Every file's bytes and every link's target under the state."""
-        found: dict[str, bytes | str] = {}
-        for root, dirs, files in os.walk(self.state):
-            for name in dirs + files:
-                path = Path(root, name)
-                rel = str(path.relative_to(self.state))
-                if path.is_symlink():
-                    found[rel] = os.readlink(path)
-                elif path.is_file():
-                    found[rel] = path.read_bytes()
-        return found
 
 
 @pytest.fixture(params=["tpm", "software"])
@@ -137,9 +73,11 @@ def test_status_reports_key_and_certificate(device, factory_ca):
 
     report = json.loads(result.out)
     assert report["device_id"] == device.id
-    assert report["key"]["hardware_protected"] is bool(device.tcti)
-    assert report["certificate"]["state"] == "valid"
-    assert 29 < report["certificate"]["days_left"] <= 30
+    factory = report["identities"]["idevid"]
+    assert factory["key"]["hardware_protected"] is bool(device.tcti)
+    assert factory["certificate"]["state"] == "valid"
+    assert 29 < factory["certificate"]["days_left"] <= 30
+    assert report["identities"]["ldevid"]["key"] is None
     text = device.run("status").out
     if not device.tcti:
         assert "NOT hardware-protected" in text

@@ -102,7 +102,10 @@ def test_lock_excludes_a_second_holder(tmp_path):
     thread.start()
     entered.wait(5)
     try:
-        with pytest.raises(StoreError, match="locked"), other.lock(0.2):
+        with (
+            pytest.raises(StoreError, match="held by another"),
+            other.lock(0.2),
+        ):
             pass
     finally:
         release.set()

@@ -50,7 +50,9 @@ def connect(
 ) -> None:
     """Connect to the broker with the device credential, then leave."""
     settings = app.settings()
-    session = credential.open_session(settings, tls_max_version)
+    session = credential.open_session(
+        settings, max_tls_version=tls_max_version
+    )
     started = time.monotonic()
     session.open()
     try:

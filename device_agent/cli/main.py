@@ -28,8 +28,12 @@ class App:
 
     def settings(self) -> config.Settings:
         if self._settings is None:
-            self._settings = config.load(self.config_path, self.overrides)
+            self._settings = self.load_settings()
         return self._settings
+
+    def load_settings(self) -> config.Settings:
+        """Read the settings afresh, as a reload does."""
+        return config.load(self.config_path, self.overrides)
 
 
 pass_app = click.make_pass_decorator(App)
@@ -91,9 +95,17 @@ def _configure_logging(level: int) -> None:
 
 
 def _register() -> None:
-    from device_agent.cli import chain, connect, keys, setup, status, tpm
+    from device_agent.cli import (
+        chain,
+        connect,
+        daemon,
+        keys,
+        setup,
+        status,
+        tpm,
+    )
 
-    for module in (setup, keys, chain, status, connect, tpm):
+    for module in (setup, keys, chain, status, connect, daemon, tpm):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -25,42 +25,59 @@ def status(app: App, as_json: bool) -> None:
 
 
 def _lines(report: dict[str, Any]) -> list[str]:
-    lines = [f"device:        {report['device_id']}"]
+    lines = [f"device:          {report['device_id']}"]
     if report["serial"]:
-        lines.append(f"serial:        {report['serial']}")
-    key = report["key"]
-    if key is None:
-        lines.append("key:           none (run 'device-agent keygen')")
-    elif key["hardware_protected"]:
-        lines.append(f"key:           TPM (generation {key['generation']})")
-    else:
-        lines.append(
-            f"key:           software, NOT hardware-protected "
-            f"(generation {key['generation']})"
-        )
-    if report["pending_generation"] is not None:
-        lines.append(
-            f"pending key:   generation {report['pending_generation']} "
-            "awaits its certificate"
-        )
-    cert = report["certificate"]
-    if cert is None:
-        lines.append("certificate:   none installed")
-    else:
+        lines.append(f"serial:          {report['serial']}")
+    names = {"idevid": "factory", "ldevid": "operational"}
+    for lineage, identity in report["identities"].items():
+        lines += _identity_lines(names.get(lineage, lineage), identity)
+    agent = report.get("agent")
+    if agent:
+        running = "running" if agent.get("running") else "not running"
         lines += [
-            f"certificate:   {cert['serial']} ({cert['state']})",
-            f"subject:       {cert['subject']}",
-            f"issuer:        {cert['issuer']}",
-            f"not after:     {cert['not_after']}",
-            f"days left:     {cert['days_left']}",
+            f"agent:           {agent.get('state')} ({running})",
+            f"  clock:         {agent.get('clock')} "
+            f"{agent.get('clock_reason') or ''}".rstrip(),
+            f"  next renewal:  {agent.get('next_renewal')}",
+            f"  last result:   {agent.get('last_result')}",
+            f"  failures:      {agent.get('failures_in_row')} in a row",
         ]
     tpm = report["tpm"]
     if tpm["checked"]:
         answer = "present" if tpm["present"] else "not answering"
-        lines.append(f"TPM:           {answer} at {tpm['tcti']}")
+        lines.append(f"TPM:             {answer} at {tpm['tcti']}")
     else:
-        lines.append("TPM:           not checked (key_store = software)")
+        lines.append("TPM:             not checked (key_store = software)")
     return lines
+
+
+def _identity_lines(name: str, identity: dict[str, Any]) -> list[str]:
+    key = identity["key"]
+    if key is None:
+        return [f"{name + ':':17}no key"]
+    where = (
+        "TPM"
+        if key["hardware_protected"]
+        else "software, NOT hardware-protected"
+    )
+    lines = [f"{name + ':':17}key in {where} (generation {key['generation']})"]
+    if identity["pending_generation"] is not None:
+        lines.append(
+            f"  pending key:   generation {identity['pending_generation']} "
+            "awaits its certificate"
+        )
+    cert = identity["certificate"]
+    if cert is None:
+        lines.append("  certificate:   none installed")
+        return lines
+    return [
+        *lines,
+        f"  certificate:   {cert['serial']} ({cert['state']})",
+        f"  subject:       {cert['subject']}",
+        f"  issuer:        {cert['issuer']}",
+        f"  not after:     {cert['not_after']}",
+        f"  days left:     {cert['days_left']}",
+    ]
 
 
 COMMANDS = [status]

@@ -16,12 +16,13 @@ def tpm() -> None:
 
 @tpm.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--tcti", help="TPM to ask [default: the config's tcti].")
 @pass_app
-def info(app: App, as_json: bool) -> None:
+def info(app: App, as_json: bool, tcti: str | None) -> None:
     """Show the TPM's maker, firmware and loaded handles."""
     from device_agent.keys.tpm import TPMKeyStore
 
-    report = TPMKeyStore(app.settings().tcti).info()
+    report = TPMKeyStore(tcti or app.settings().tcti).info()
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return

@@ -1,0 +1,550 @@
+"""The daemon: stay connected, send heartbeats, renew before expiry."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import random
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cryptography import x509
+
+from device_agent import chain, credential
+from device_agent.config import Settings
+from device_agent.core import clock, policy
+from device_agent.enroll.mqtt import MqttEnroller
+from device_agent.errors import (
+    AgentError,
+    EnrollError,
+    RenewalError,
+    SessionError,
+    StoreError,
+)
+from device_agent.renewal import FACTORY, OPERATIONAL, renew
+from device_agent.session import Session
+from device_agent.store import CredentialStore, Generation, write_atomic
+from device_agent.systemd import Notifier
+
+logger = logging.getLogger(__name__)
+
+AGENT_LOCK = ".agent.lock"
+PID_FILE = "agent.pid"
+LAST_GOOD_FILE = "last-good-time"
+# The longest the loop sleeps before it looks at the wall clock again, so
+# suspend, resume and clock steps are noticed within this many seconds.
+MAX_SLEEP = 5.0
+NEVER = float("inf")
+
+
+class Agent:
+    """Keeps one device connected with its freshest credential."""
+
+    def __init__(
+        self,
+        load_settings: Callable[[], Settings],
+        now: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._load_settings = load_settings
+        self.settings = load_settings()
+        self.now = now
+        self.rng = rng or random.SystemRandom()
+        self.notifier = Notifier()
+
+        self.session: Session | None = None
+        self.identity: tuple[str, Generation] | None = None
+        self.leaf: x509.Certificate | None = None
+        self.retire_after_proof = False
+
+        self.state = "starting"
+        self.clock_state = "trusted"
+        self.clock_reason = ""
+        self.last_good: float | None = None
+        self._good_since: float | None = None
+        self.next_renewal = NEVER
+        self.next_heartbeat = 0.0
+        self.next_connect = 0.0
+        self.connect_attempt = 0
+        self.failures = 0
+        self.last_result = "none yet"
+        self.renewals = policy.LoopDetector(floor=self.settings.renew_floor)
+
+        self._wake = threading.Event()
+        self._stop = False
+        self._renew_now = False
+        self._reload = False
+
+    def run(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        store = CredentialStore(self.settings.state_dir, FACTORY)
+        with store.lock(timeout=0.5, name=AGENT_LOCK), self._pid_file():
+            self._install_signals()
+            self._recover()
+            self.last_good = self._read_last_good()
+            logger.info("agent started for %s", self.settings.device_id)
+            try:
+                while not self._stop:
+                    self._tick()
+                    self._sleep()
+            finally:
+                self._shutdown()
+
+    def _tick(self) -> None:
+        if self._reload:
+            self._apply_reload()
+        now = self.now()
+        self._check_clock(now)
+        if self.session is None or not self.session.connected:
+            self._ensure_session(now)
+        if self.session is not None and self.session.connected:
+            if now >= self.next_heartbeat:
+                self._heartbeat(now)
+            if self._renewal_due(now):
+                self._renew(now)
+        self._write_status()
+        self.notifier.send(watchdog="1", status=self._summary())
+
+    def _sleep(self) -> None:
+        deadline = min(self.next_heartbeat, self.next_renewal)
+        if self.session is None or not self.session.connected:
+            deadline = min(deadline, self.next_connect)
+        wait = min(max(deadline - self.now(), 0.05), MAX_SLEEP)
+        if self.notifier.watchdog_interval is not None:
+            wait = min(wait, self.notifier.watchdog_interval)
+        self._wake.wait(wait)
+        self._wake.clear()
+
+    # -- credentials and sessions -------------------------------------
+
+    def _recover(self) -> None:
+        for lineage in (FACTORY, OPERATIONAL):
+            store = CredentialStore(self.settings.state_dir, lineage)
+            with store.lock():
+                store.recover()
+        if self._candidates(self.now()) == []:
+            raise StoreError(
+                "no credential installed: bring the device up first "
+                "(keygen, csr, install-chain)"
+            )
+
+    def _candidates(self, now: float) -> list[tuple[str, Generation]]:
+        """Credentials to try, best first: operational, then factory."""
+        found = []
+        for lineage in (OPERATIONAL, FACTORY):
+            store = CredentialStore(self.settings.state_dir, lineage)
+            generation = store.current()
+            if generation is None:
+                continue
+            leaf = _leaf(generation)
+            expired = (
+                leaf is None or leaf.not_valid_after_utc.timestamp() <= now
+            )
+            # An untrusted clock cannot say a certificate expired.
+            if (
+                lineage == OPERATIONAL
+                and expired
+                and self.clock_state == "trusted"
+            ):
+                continue
+            found.append((lineage, generation))
+        return found
+
+    def _ensure_session(self, now: float) -> None:
+        if now < self.next_connect:
+            return
+        if self.session is not None:
+            if self._refused(self.session):
+                self._drop_session("the broker refuses this credential")
+            else:
+                return  # the session reconnects by itself
+        self.state = "connecting"
+        for lineage, generation in self._candidates(now):
+            session = credential.open_session(
+                self.settings, generation, lineage
+            )
+            try:
+                session.open()
+            except SessionError as exc:
+                logger.warning(
+                    "%s credential %d: %s", lineage, generation.number, exc
+                )
+                self.last_result = f"connect failed: {exc}"
+                if exc.reason in ("refused", "tls"):
+                    continue
+                break
+            self._use(session, lineage, generation)
+            return
+        delay = policy.retry_delay(
+            self.connect_attempt,
+            now,
+            NEVER,
+            NEVER,
+            base=min(1.0, self.settings.retry_base),
+            cap=self.settings.retry_cap,
+            unit=self.rng.random(),
+        )
+        self.connect_attempt += 1
+        self.next_connect = now + delay
+
+    def _use(
+        self, session: Session, lineage: str, generation: Generation
+    ) -> None:
+        self.session = session
+        self.identity = (lineage, generation)
+        self.leaf = _leaf(generation)
+        self.connect_attempt = 0
+        self.state = "connected"
+        self.next_heartbeat = self.now()
+        self._schedule_renewal()
+        self.notifier.send(ready="1", status=self._summary())
+        logger.info(
+            "connected with the %s credential, generation %d",
+            lineage,
+            generation.number,
+        )
+
+    def _refused(self, session: Session) -> bool:
+        error = session.last_error or ""
+        return not session.connected and (
+            "alert" in error or "CONNACK" in error
+        )
+
+    def _drop_session(self, why: str) -> None:
+        logger.warning("closing the session: %s", why)
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+        self.identity = None
+
+    def _heartbeat(self, now: float) -> None:
+        assert self.session is not None and self.identity is not None
+        lineage, generation = self.identity
+        payload = json.dumps(
+            {
+                "time": _iso(now),
+                "identity": lineage,
+                "generation": generation.number,
+                "serial": f"{self.leaf.serial_number:x}"
+                if self.leaf
+                else None,
+            }
+        ).encode()
+        try:
+            self.session.publish(self.settings.heartbeat_topic, payload)
+        except SessionError as exc:
+            logger.warning("heartbeat not delivered: %s", exc)
+            self.next_heartbeat = now + min(
+                5.0, self.settings.heartbeat_interval
+            )
+            return
+        self.next_heartbeat = now + self.settings.heartbeat_interval
+        if self.retire_after_proof:
+            self._retire_old()
+
+    def _retire_old(self) -> None:
+        """The new credential carried a heartbeat: destroy the old keys."""
+        store = CredentialStore(self.settings.state_dir, OPERATIONAL)
+        with store.lock():
+            retired = store.retire_others()
+        self.retire_after_proof = False
+        if retired:
+            logger.info("retired operational generations %s", retired)
+
+    # -- renewal --------------------------------------------------------
+
+    def _renewal_due(self, now: float) -> bool:
+        if self._renew_now:
+            return True
+        if self.clock_state != "trusted" or self.state == "needs_service":
+            return False
+        return now >= self.next_renewal
+
+    def _schedule_renewal(self) -> None:
+        if self.identity is None or self.leaf is None:
+            return
+        lineage, generation = self.identity
+        if lineage != OPERATIONAL:
+            self.next_renewal = self.now()  # enroll an operational one
+            return
+        # A CA may backdate notBefore far into the past; the lifetime that
+        # matters runs from when this device got the certificate.
+        received = generation.chain_path.stat().st_mtime
+        start = max(self.leaf.not_valid_before_utc.timestamp(), received)
+        self.next_renewal = policy.renewal_time(
+            min(start, self.leaf.not_valid_after_utc.timestamp()),
+            self.leaf.not_valid_after_utc.timestamp(),
+            fraction=self.settings.renew_fraction,
+            jitter=self.settings.renew_jitter,
+            unit=self.rng.random(),
+            floor=self.settings.renew_floor,
+        )
+        logger.info("next renewal at %s", _iso(self.next_renewal))
+
+    def _renew(self, now: float) -> None:
+        assert self.session is not None
+        self._renew_now = False
+        operational = (
+            self.identity is not None and self.identity[0] == OPERATIONAL
+        )
+        if (
+            operational
+            and self.leaf is not None
+            and self.renewals.is_loop(
+                now,
+                self.leaf.not_valid_before_utc.timestamp(),
+                self.leaf.not_valid_after_utc.timestamp(),
+            )
+        ):
+            self.state = "renewal_loop"
+            self.next_renewal = NEVER
+            self.last_result = "stopped: renewing fresh certificates"
+            logger.error("renewal loop detected; renewals stopped")
+            return
+
+        enroller = MqttEnroller(self.session, self.settings.device_id)
+        started = time.monotonic()
+        try:
+            renewed = renew(
+                self.settings,
+                enroller,
+                lambda g: credential.open_session(
+                    self.settings, g, OPERATIONAL
+                ),
+            )
+        except RenewalError as exc:
+            self._renewal_failed(now, exc)
+            return
+
+        old, self.session = self.session, renewed.session
+        self.identity = (OPERATIONAL, renewed.generation)
+        self.leaf = renewed.leaf
+        old.close()
+        self.retire_after_proof = True
+        self.failures = 0
+        self.renewals.record(now)
+        self.last_result = (
+            f"renewed at {_iso(now)}: certificate "
+            f"{renewed.leaf.serial_number:x} in "
+            f"{time.monotonic() - started:.2f} s"
+        )
+        self.state = "connected"
+        self.next_heartbeat = self.now()
+        self._schedule_renewal()
+        self._run_hook(renewed.leaf)
+
+    def _renewal_failed(self, now: float, exc: RenewalError) -> None:
+        self.failures += 1
+        self.last_result = f"failed: {exc}"
+        cause = exc.__cause__
+        if isinstance(cause, EnrollError) and cause.permanent:
+            self.state = "needs_service"
+            self.next_renewal = NEVER
+            logger.error("renewal refused for good: %s", exc)
+            return
+        retry_after = (
+            cause.retry_after if isinstance(cause, EnrollError) else None
+        )
+        not_after, lifetime = NEVER, NEVER
+        if (
+            self.leaf is not None
+            and self.identity
+            and self.identity[0] == OPERATIONAL
+        ):
+            not_after = self.leaf.not_valid_after_utc.timestamp()
+            lifetime = not_after - self.leaf.not_valid_before_utc.timestamp()
+        delay = policy.retry_delay(
+            self.failures - 1,
+            now,
+            not_after,
+            lifetime,
+            base=self.settings.retry_base,
+            cap=self.settings.retry_cap,
+            unit=self.rng.random(),
+            retry_after=retry_after,
+        )
+        self.next_renewal = now + delay
+        logger.warning("%s; next attempt in %.1f s", exc, delay)
+
+    def _run_hook(self, leaf: x509.Certificate) -> None:
+        if not self.settings.renewal_hook:
+            return
+        environment = dict(
+            os.environ,
+            DEVICE_AGENT_SERIAL=f"{leaf.serial_number:x}",
+            DEVICE_AGENT_NOT_AFTER=leaf.not_valid_after_utc.isoformat(),
+            DEVICE_AGENT_DEVICE_ID=self.settings.device_id,
+        )
+        try:
+            result = subprocess.run(
+                shlex.split(self.settings.renewal_hook),
+                env=environment,
+                timeout=60,
+                check=False,
+                capture_output=True,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            logger.warning("renewal hook failed: %s", exc)
+            return
+        if result.returncode:
+            logger.warning("renewal hook exited %d", result.returncode)
+
+    # -- clock, status, signals -------------------------------------------
+
+    def _check_clock(self, now: float) -> None:
+        leaves = [_leaf(g) for _, g in self._current_generations()]
+        not_befores = [
+            leaf.not_valid_before_utc.timestamp() for leaf in leaves if leaf
+        ]
+        state, reason = clock.assess(
+            now, self.last_good, not_befores, self.settings.clock_skew
+        )
+        if state != self.clock_state:
+            logger.warning("clock %s: %s", state, reason or "sane again")
+        self.clock_state, self.clock_reason = state, reason
+        if state == "trusted":
+            # Measured by the monotonic clock, so a wall clock stepped
+            # forward under a running agent cannot drag it along.
+            elapsed = None
+            if self._good_since is not None:
+                elapsed = time.monotonic() - self._good_since
+            advanced = clock.advance(self.last_good, now, elapsed)
+            if self.last_good is None or advanced - self.last_good >= 60:
+                self.last_good = advanced
+                self._good_since = time.monotonic()
+                self._write_last_good(advanced)
+
+    def _current_generations(self) -> Iterator[tuple[str, Generation]]:
+        for lineage in (FACTORY, OPERATIONAL):
+            generation = CredentialStore(
+                self.settings.state_dir, lineage
+            ).current()
+            if generation is not None:
+                yield lineage, generation
+
+    def _read_last_good(self) -> float | None:
+        path = self.settings.state_dir / LAST_GOOD_FILE
+        try:
+            return clock.decode_last_good(path.read_text())
+        except OSError:
+            return None
+
+    def _write_last_good(self, value: float) -> None:
+        path = self.settings.state_dir / LAST_GOOD_FILE
+        write_atomic(path, clock.encode_last_good(value).encode(), 0o600)
+
+    def _summary(self) -> str:
+        if self.clock_state != "trusted":
+            return "clock_untrusted"
+        return self.state
+
+    def _write_status(self) -> None:
+        lineage, generation = self.identity or (None, None)
+        report: dict[str, Any] = {
+            "pid": os.getpid(),
+            "updated": _iso(self.now()),
+            "state": self._summary(),
+            "clock": self.clock_state,
+            "clock_reason": self.clock_reason,
+            "identity": lineage,
+            "generation": generation.number if generation else None,
+            "serial": f"{self.leaf.serial_number:x}" if self.leaf else None,
+            "not_after": self.leaf.not_valid_after_utc.isoformat()
+            if self.leaf
+            else None,
+            "next_renewal": _iso(self.next_renewal),
+            "last_result": self.last_result,
+            "failures_in_row": self.failures,
+        }
+        data = json.dumps(report, indent=2, sort_keys=True).encode()
+        write_atomic(self.settings.status_file, data, 0o644)
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGUSR1, self._on_renew)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self._reload = True
+        self._wake.set()
+
+    def _on_renew(self, signum: int, frame: FrameType | None) -> None:
+        self._renew_now = True
+        self._wake.set()
+
+    def _apply_reload(self) -> None:
+        self._reload = False
+        try:
+            settings = self._load_settings()
+        except AgentError as exc:
+            logger.error("reload refused, keeping the old config: %s", exc)
+            return
+        if settings.state_dir != self.settings.state_dir:
+            logger.error("reload refused: state_dir cannot change")
+            return
+        self.settings = settings
+        logger.info("config reloaded")
+        if self.session is not None:
+            self._drop_session("config reloaded")
+        self.next_connect = 0.0
+
+    @contextlib.contextmanager
+    def _pid_file(self) -> Iterator[None]:
+        path = self.settings.state_dir / PID_FILE
+        write_atomic(path, f"{os.getpid()}\n".encode(), 0o644)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _shutdown(self) -> None:
+        self.notifier.send(stopping="1")
+        if self.session is not None:
+            self.session.close()
+        self.state = "stopped"
+        self._write_status()
+        logger.info("agent stopped")
+
+
+def running_pid(state_dir: Path) -> int | None:
+    """The pid of the agent running on this state directory, if any."""
+    store = CredentialStore(state_dir, FACTORY)
+    try:
+        with store.lock(timeout=0, name=AGENT_LOCK):
+            return None
+    except StoreError:
+        pass
+    try:
+        return int((state_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _leaf(generation: Generation) -> x509.Certificate | None:
+    try:
+        return chain.read_bundle(generation.chain_path.read_bytes())[0]
+    except (OSError, AgentError):
+        return None
+
+
+def _iso(timestamp: float) -> str | None:
+    if timestamp == NEVER:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="seconds")

@@ -1,0 +1,326 @@
+"""The device registry: known devices, their status, what was issued."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from firmware_sim.errors import SimError
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = "active"
+REVOKED = "revoked"
+DECOMMISSIONED = "decommissioned"
+STATUSES = (ACTIVE, REVOKED, DECOMMISSIONED)
+
+# Device ids become MQTT topic levels and, through the certificate CN,
+# broker usernames that ACL patterns expand: no "/", "+" or "#".
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# Names the broker's ACL grants more than a device's own topics. A device
+# certificate carrying one of them would act with that service's rights.
+REGISTRAR = "registrar"
+SERVICE_NAMES = (REGISTRAR,)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id  TEXT PRIMARY KEY,
+    serial     TEXT,
+    status     TEXT NOT NULL CHECK (status IN
+                   ('active', 'revoked', 'decommissioned')),
+    added_at   TEXT NOT NULL,
+    changed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS issuances (
+    number      INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id   TEXT NOT NULL REFERENCES devices (device_id),
+    cert_serial TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    not_before  TEXT NOT NULL,
+    not_after   TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    issued_at   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS issuances_by_device
+    ON issuances (device_id, number);
+"""
+
+# Another process (a CLI command next to a running registrar) may hold
+# the write lock for a moment; wait that long before giving up.
+BUSY_TIMEOUT = 5.0
+
+
+class RegistryError(SimError):
+    """The registry refused a change or cannot be read or written."""
+
+
+class UnknownDeviceError(RegistryError):
+    """The device id is not in the registry."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} is not in the registry")
+        self.device_id = device_id
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    device_id: str
+    serial: str | None
+    status: str
+    added_at: datetime.datetime
+    changed_at: datetime.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Issuance:
+    """One certificate issued to a device; ``kind`` says which sort."""
+
+    number: int
+    device_id: str
+    cert_serial: int
+    fingerprint: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    kind: str
+    issued_at: datetime.datetime
+
+
+def check_device_id(device_id: object) -> str:
+    """The id unchanged if a device may carry it; RegistryError if not."""
+    if type(device_id) is not str or not DEVICE_ID.fullmatch(device_id):
+        raise RegistryError(
+            f"device id {device_id!r} must be 1 to 64 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit"
+        )
+    if device_id in SERVICE_NAMES:
+        raise RegistryError(
+            f"device id {device_id!r} is reserved for a broker service"
+        )
+    return device_id
+
+
+class Registry:
+    """Devices and their issuances in one SQLite file.
+
+    One object may be shared by threads; several processes may open the
+    same file. Every change is one short transaction in WAL mode, so
+    readers never wait for a writer and writers wait for each other at
+    most :data:`BUSY_TIMEOUT` seconds.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._prepare()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def add(self, device_id: str, serial: str | None = None) -> Device:
+        """Register a new device as active."""
+        check_device_id(device_id)
+        now = _now()
+        with self._write() as db:
+            try:
+                row = db.execute(
+                    "INSERT INTO devices VALUES (?, ?, ?, ?, ?) RETURNING *",
+                    (device_id, serial, ACTIVE, now, now),
+                ).fetchone()
+            except sqlite3.IntegrityError:
+                raise RegistryError(
+                    f"device {device_id!r} is already in the registry"
+                ) from None
+        logger.info("device %s added", device_id)
+        return _device(row)
+
+    def get(self, device_id: str) -> Device | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT * FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+        return None if row is None else _device(row)
+
+    def devices(self) -> list[Device]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT * FROM devices ORDER BY device_id"
+            ).fetchall()
+        return [_device(row) for row in rows]
+
+    def set_status(self, device_id: str, status: str) -> Device:
+        """Change a device's status; returns the device as it is now."""
+        if status not in STATUSES:
+            raise RegistryError(
+                f"status {status!r} is not one of {', '.join(STATUSES)}"
+            )
+
+        with self._write() as db:
+            row = db.execute(
+                "UPDATE devices SET status = ?, changed_at = ? "
+                "WHERE device_id = ? RETURNING *",
+                (status, _now(), device_id),
+            ).fetchone()
+        if row is None:
+            raise UnknownDeviceError(device_id)
+
+        logger.info("device %s is now %s", device_id, status)
+        return _device(row)
+
+    def record_issuance(
+        self,
+        device_id: str,
+        cert_serial: int,
+        fingerprint: str,
+        not_before: datetime.datetime,
+        not_after: datetime.datetime,
+        kind: str,
+    ) -> Issuance:
+        """Note a certificate issued to a registered device."""
+        if not kind:
+            raise RegistryError("an issuance needs a kind")
+
+        with self._write() as db:
+            known = db.execute(
+                "SELECT 1 FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if known is None:
+                raise UnknownDeviceError(device_id)
+            row = db.execute(
+                "INSERT INTO issuances VALUES (NULL, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING *",
+                (
+                    device_id,
+                    # Serials are up to 159 bits, beyond SQLite integers.
+                    format(cert_serial, "x"),
+                    fingerprint,
+                    _utc(not_before),
+                    _utc(not_after),
+                    kind,
+                    _now(),
+                ),
+            ).fetchone()
+        return _issuance(row)
+
+    def issuances(self, device_id: str | None = None) -> list[Issuance]:
+        """Issuances, oldest first; of one device if ``device_id`` given."""
+        query = "SELECT * FROM issuances"
+        arguments: tuple[str, ...] = ()
+        if device_id is not None:
+            query += " WHERE device_id = ?"
+            arguments = (device_id,)
+
+        with self._read() as db:
+            rows = db.execute(query + " ORDER BY number", arguments)
+            return [_issuance(row) for row in rows.fetchall()]
+
+    def _prepare(self) -> None:
+        db = self._db
+        db.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode this still leaves a consistent file after any crash;
+        # only a power cut can lose the last few commits. Syncing every
+        # commit would cost more than signing the certificate does.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {self.path} has schema {version}; this version "
+                f"knows {SCHEMA_VERSION} at most"
+            )
+        if version < SCHEMA_VERSION:
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} "
+                f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise RegistryError(f"registry {self.path}: {exc}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so a transaction
+        # that read first never fails later to upgrade its lock.
+        with self._read() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+
+def _device(row: tuple[object, ...]) -> Device:
+    device_id, serial, status, added, changed = row
+    return Device(
+        device_id=str(device_id),
+        serial=None if serial is None else str(serial),
+        status=str(status),
+        added_at=_parse(added),
+        changed_at=_parse(changed),
+    )
+
+
+def _issuance(row: tuple[object, ...]) -> Issuance:
+    number, device_id, serial, fingerprint, nb, na, kind, issued = row
+    return Issuance(
+        number=int(str(number)),
+        device_id=str(device_id),
+        cert_serial=int(str(serial), 16),
+        fingerprint=str(fingerprint),
+        not_before=_parse(nb),
+        not_after=_parse(na),
+        kind=str(kind),
+        issued_at=_parse(issued),
+    )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def _utc(moment: datetime.datetime) -> str:
+    if moment.tzinfo is None:
+        raise RegistryError("times in the registry must carry a time zone")
+    return moment.astimezone(datetime.UTC).isoformat()
+
+
+def _parse(value: object) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(str(value))
