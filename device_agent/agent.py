@@ -108,8 +108,10 @@ class Agent:
         if self.session is None or not self.session.connected:
             self._ensure_session(now)
         if self.session is not None and self.session.connected:
+            now = self.now()
             if now >= self.next_heartbeat:
                 self._heartbeat(now)
+            now = self.now()
             if self._renewal_due(now):
                 self._renew(now)
         self._write_status()

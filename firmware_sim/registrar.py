@@ -329,16 +329,20 @@ class Registrar:
         layout.check()
         ca = CertificateAuthority.load(layout.ca_dir)
         registry = Registry(layout.registry_path)
-        registrar = cls(
-            ca,
-            registry,
-            host,
-            port,
-            ca_file,
-            layout.chain_path,
-            layout.key_path,
-            **options,
-        )
+        try:
+            registrar = cls(
+                ca,
+                registry,
+                host,
+                port,
+                ca_file,
+                layout.chain_path,
+                layout.key_path,
+                **options,
+            )
+        except BaseException:
+            registry.close()
+            raise
         registrar._owned_registry = registry
         return registrar
 
@@ -381,7 +385,7 @@ class Registrar:
         self._stop.clear()
         self._worker = threading.Thread(
             target=self._work,
-            args=(session.messages,),
+            args=(session,),
             name="registrar",
             daemon=True,
         )
@@ -396,16 +400,17 @@ class Registrar:
     def stop(self) -> None:
         """Stop serving; requests not yet handled are left unanswered."""
         self._stop.set()
-        session, self._session = self._session, None
+        session = self._session
         if session is not None:
             session.messages.put(_WAKE)
         if self._worker is not None:
             self._worker.join(PUBLISH_TIMEOUT + 1.0)
             self._worker = None
 
+        self._session = None
         if session is not None:
-            left = session.messages.qsize()
             session.close()
+            left = _unread(session.messages)
             if left:
                 logger.warning("registrar stopped, %d requests unread", left)
         if self._owned_registry is not None:
@@ -413,7 +418,11 @@ class Registrar:
             self._owned_registry = None
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(
@@ -423,13 +432,6 @@ class Registrar:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    def _tls_context(self) -> ssl.SSLContext:
-        context = tls.client_context(
-            self.ca_file, self.chain_file, self.key_file
-        )
-        context.sslsocket_class = _PromptSocket
-        return context
 
     def handle(self, device_id: str, payload: bytes) -> bytes | None:
         """The answer to one request from ``device_id``; None to drop it.
@@ -465,20 +467,27 @@ class Registrar:
                 _Refusal("internal", "the registrar failed"),
             )
 
-    def _work(self, inbox: queue.Queue[Message]) -> None:
+    def _tls_context(self) -> ssl.SSLContext:
+        context = tls.client_context(
+            self.ca_file, self.chain_file, self.key_file
+        )
+        context.sslsocket_class = _PromptSocket
+        return context
+
+    def _work(self, session: Session) -> None:
         while not self._stop.is_set():
-            message = inbox.get()
+            message = session.messages.get()
             if message is _WAKE:
                 continue
             try:
-                self._serve(message)
+                self._serve(session, message)
             except Exception:
                 # handle() answers every failure it can foresee; this
                 # keeps the one it could not from ending the service.
                 self._count("dropped")
                 logger.exception("dropped a message on %r", message.topic)
 
-    def _serve(self, message: Message) -> None:
+    def _serve(self, session: Session, message: Message) -> None:
         device_id = _requester(message)
         if device_id is None:
             self._count("dropped")
@@ -489,10 +498,7 @@ class Registrar:
         if answer is None or self._suppressed(device_id):
             return
 
-        session = self._session
         try:
-            if session is None:
-                raise SessionError("lost", "the registrar is stopping")
             session.publish(
                 messages.response_topic(device_id),
                 answer,
@@ -665,6 +671,16 @@ class _PromptSocket(ssl.SSLSocket):
     def do_handshake(self, block: bool = False) -> None:
         self.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().do_handshake(block)
+
+
+def _unread(inbox: queue.Queue[Message]) -> int:
+    count = 0
+    while True:
+        try:
+            message = inbox.get_nowait()
+        except queue.Empty:
+            return count
+        count += message is not _WAKE
 
 
 def _requester(message: Message) -> str | None:

@@ -24,12 +24,19 @@ class Device:
         self.tcti = tcti
         self.id = device_id
 
-    def run(self, *args: str, check: bool = True, stdin: bytes | None = None):
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+    ):
         result = subprocess.run(
             [sys.executable, "-m", "device_agent", "--config",
              str(self.config), *args],
             capture_output=True,
             input=stdin,
+            env=dict(os.environ, **(env or {})),
             timeout=60,
             check=False,
         )  # fmt: skip

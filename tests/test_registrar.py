@@ -217,7 +217,7 @@ def test_backdate_and_max_lifetime_shape_the_validity(
 def test_lost_answer_is_given_again_without_a_second_certificate(
     registrar_world, device
 ):
-    registrar_world.registrar.drop_responses = 1
+    registrar_world.start_registrar(drop_responses=1)
     dev = device()
     key = p256_key()
     pem = csr_pem(key)
@@ -389,9 +389,12 @@ def test_refuse_all_simulates_an_outage(registrar_world, device):
 def test_request_on_another_devices_topic_never_reaches_the_registrar(
     registrar_world, device
 ):
+    """mosquitto denies the publish (PUBACK "Not authorized", which paho
+    counts as published) and grants the subscription but filters reads.
+    """
+    registrar_world.registry.add("dev-2")
     victim = device("dev-1")
     intruder = device("dev-2")
-    registrar_world.registry.add("dev-2")
     intruder.session.subscribe(messages.response_topic("dev-1"))
 
     forged = messages.encode_request("f00d", csr_pem(name="dev-1"))
@@ -399,12 +402,18 @@ def test_request_on_another_devices_topic_never_reaches_the_registrar(
     # The registrar handles requests in the order the broker delivers
     # them, and the broker acknowledged the forged one first: had it
     # passed the ACL, its answer would come before this one.
-    answer = victim.request(csr_pem())
+    victim_answer = victim.request(csr_pem())
+    # Likewise the broker would have queued the victim's answer for the
+    # intruder before the intruder's own.
+    intruder_answer = intruder.request(csr_pem(name="dev-2"))
 
-    assert answer["status"] == "issued"
+    registrar_world.broker.wait_for_log("Denied PUBLISH from dev-2")
+    assert victim_answer["status"] == "issued"
+    assert intruder_answer["status"] == "issued"
     assert victim.others == []
-    assert registrar_world.registrar.counts() == {"issued": 1}
-    assert intruder.session.messages.empty()
+    assert intruder.others == []
+    assert registrar_world.registrar.counts() == {"issued": 2}
+    assert len(registrar_world.registry.issuances("dev-1")) == 1
 
 
 # Garbage
@@ -630,6 +639,21 @@ def test_registry_is_shared_by_two_connections(tmp_path):
         assert one.get("dev-1").status == DECOMMISSIONED
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lifetime": 0},
+        {"backdate": -1},
+        {"max_lifetime": 0},
+        {"refuse_all": "because"},
+        {"retry_after": -1},
+    ],
+)
+def test_policy_refuses_settings_no_ca_would_have(options):
+    with pytest.raises(registrar.RegistrarError):
+        registrar.Policy(**options)
+
+
 # Set-up
 
 
@@ -698,17 +722,26 @@ def test_cli_manages_devices(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "set_up"),
     [
-        ["add", "dev-1"],
-        ["add", "bad/id"],
-        ["revoke", "nobody"],
-        ["run", "--broker", "no-port", "--ca-file", "/etc/hostname"],
+        (["add", "dev-1"], False),
+        (["list"], False),
+        (["add", "bad/id"], True),
+        (["revoke", "nobody"], True),
+        (["run", "--broker", "no-port", "--ca-file", "/etc/hostname"], True),
+        (
+            ["run", "--broker", "127.0.0.1:1", "--ca-file", "/etc/hostname"],
+            True,
+        ),
+        (
+            ["run", "--broker", "h:1", "--ca-file", "x", "--lifetime", "0"],
+            True,
+        ),
     ],
 )
-def test_cli_errors_are_one_line(capsys, tmp_path, argv):
+def test_cli_errors_are_one_line(capsys, tmp_path, argv, set_up):
     directory = tmp_path / "r"
-    if argv[1] != "dev-1":
+    if set_up:
         registrar.prepare(directory)
 
     code, _, err = run_cli(capsys, "registrar", *argv, "--dir", str(directory))

@@ -129,3 +129,174 @@ def test_daemon_renews_with_a_new_tpm_key_each_time_without_a_gap(
     assert swtpm.transient_handles() == []
     log = world.broker.log_text()
     assert log.count("u'dev-1'") >= 5
+
+
+def active(device: Device) -> dict[str, bytes | str]:
+    """The operational credential in use: its pointer and its files."""
+    link = device.state / "ldevid" / "current"
+    target = link.readlink()
+    files = {p.name: p.read_bytes() for p in (link.parent / target).iterdir()}
+    return {"current": str(target), **files}
+
+
+def one_line_error(result) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    return lines[0]
+
+
+@pytest.fixture
+def operational(tmp_path, registrar_world):
+    """A software-key device that already holds an operational identity."""
+    registrar_world.start_registrar(lifetime=120)
+    device = bring_up(tmp_path, registrar_world, None)
+    device.run("renew", "--now")
+    return device
+
+
+@pytest.mark.parametrize(
+    ("fault", "expect"),
+    [
+        ("refused", "registrar refused: busy"),
+        ("down", "no answer from the registrar"),
+        ("lost", "no answer from the registrar"),
+        ("foreign-ca", "unknown-ca"),
+    ],
+)
+def test_a_failed_renewal_changes_nothing_and_the_next_succeeds(
+    operational, registrar_world, tmp_path, fault, expect
+):
+    world, device = registrar_world, operational
+    before = active(device)
+    if fault == "refused":
+        world.start_registrar(lifetime=120, refuse_all="busy")
+    elif fault == "down":
+        world.registrar.stop()
+    elif fault == "lost":
+        world.start_registrar(lifetime=120, drop_responses=1)
+    elif fault == "foreign-ca":
+        from firmware_sim.ca import CertificateAuthority
+
+        stranger = CertificateAuthority.create(tmp_path / "x", name="X")
+        world.registrar.stop()
+        world.registrar.ca = stranger
+        world.registrar.start()
+
+    line = one_line_error(device.run("renew", "--now", check=False))
+    assert expect in line
+    assert active(device) == before
+    assert device.run("connect").returncode == 0
+
+    world.start_registrar(lifetime=120)
+    device.run("renew", "--now")
+    assert active(device) != before
+    assert len(generations(device)) == 1
+
+
+@pytest.mark.parametrize(
+    "step", ["key", "csr", "enroll", "verify", "stage", "connect", "commit"]
+)
+def test_killed_at_any_step_the_device_keeps_a_working_credential(
+    operational, registrar_world, step
+):
+    device = operational
+    before = active(device)
+    killed = device.run(
+        "renew", "--now", check=False,
+        env={"DEVICE_AGENT_TEST_KILL_AT": step},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+
+    if step == "commit":
+        assert active(device) != before  # the new one was already in use
+    else:
+        assert active(device) == before
+    assert device.run("connect").returncode == 0
+    device.run("renew", "--now")
+    assert device.run("connect").returncode == 0
+    assert len(generations(device)) == 1
+
+
+def test_expired_operational_identity_is_replaced_through_the_factory_one(
+    tmp_path, registrar_world
+):
+    world = registrar_world
+    world.start_registrar(lifetime=2)
+    device = bring_up(tmp_path, world, None)
+    device.run("renew", "--now")
+    expired = active(device)
+    time.sleep(2.5)
+
+    world.start_registrar(lifetime=120)
+    device.run("renew", "--now")
+    report = status(device)["identities"]["ldevid"]
+    assert report["certificate"]["state"] == "valid"
+    assert active(device) != expired
+    assert len(generations(device)) == 1
+
+
+def test_reset_destroys_the_operational_identity_and_keeps_the_factory_one(
+    operational, registrar_world
+):
+    device = operational
+    factory = device.snapshot("idevid")
+    one_line_error(device.run("reset", check=False))  # needs --yes
+    assert generations(device)
+
+    device.run("reset", "--yes")
+    assert not (device.state / "ldevid").exists()
+    assert device.snapshot("idevid") == factory
+    assert status(device)["identities"]["ldevid"]["key"] is None
+
+    device.run("renew", "--now")  # enrolls again with the factory identity
+    assert len(generations(device)) == 1
+
+
+def test_daemon_signals_renew_now_and_reload(tmp_path, registrar_world):
+    world = registrar_world
+    world.start_registrar(lifetime=300)
+    device = bring_up(tmp_path, world, None, heartbeat_interval=30.0)
+    agent = device.start("-v")
+    try:
+        wait_for(
+            lambda: (
+                (status(device).get("agent") or {}).get("identity") == "ldevid"
+            ),
+            30,
+            "an operational identity",
+        )
+        count = len(world.registry.issuances(world.device_id))
+        result = device.run("renew", "--now")
+        assert "asked the running agent" in result.out
+        wait_for(
+            lambda: len(world.registry.issuances(world.device_id)) > count,
+            20,
+            "a renewal on request",
+        )
+        agent.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: status(device)["agent"]["state"] == "connected",
+            20,
+            "reconnect after reload",
+        )
+        one_line_error(device.run("reset", "--yes", check=False))
+    finally:
+        out = stop(agent)
+    assert "config reloaded" in out
+    assert status(device)["agent"]["state"] == "stopped"
+    assert status(device)["agent"]["running"] is False
+
+
+def test_a_second_daemon_on_the_same_state_is_refused(
+    tmp_path, registrar_world
+):
+    device = bring_up(tmp_path, registrar_world, None)
+    agent = device.start()
+    try:
+        wait_for((device.state / "agent.pid").exists, 20, "pid")
+        second = device.run("run", check=False)
+        assert "held by another" in one_line_error(second)
+    finally:
+        stop(agent)

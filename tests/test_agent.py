@@ -1,0 +1,135 @@
+"""The daemon's decisions under a wrong clock and odd CAs (in-process)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_renewal import active, bring_up
+
+from device_agent import config
+from device_agent.agent import LAST_GOOD_FILE, Agent
+from device_agent.core import clock
+
+DAY = 86400.0
+
+
+class Clock:
+    """A wall clock the test can set; it runs with real time otherwise."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture
+def make_agent(tmp_path, registrar_world):
+    agents = []
+
+    def make(wall: Clock, lifetime: int = 120, **options) -> Agent:
+        registrar_world.start_registrar(lifetime=lifetime, **options)
+        device = bring_up(tmp_path, registrar_world, None)
+        agent = Agent(lambda: config.load(device.config), now=wall)
+        agent.device = device
+        agent._recover()
+        agent.last_good = agent._read_last_good()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent._shutdown()
+
+
+def issued(world) -> int:
+    return len(world.registry.issuances(world.device_id))
+
+
+def test_first_tick_enrolls_an_operational_identity(
+    make_agent, registrar_world
+):
+    agent = make_agent(Clock())
+    agent._tick()
+    assert agent.identity[0] == "ldevid"
+    assert issued(registrar_world) == 1
+    assert agent.next_renewal > time.time() + 30
+
+
+def test_clock_months_back_at_boot_decides_nothing(
+    make_agent, registrar_world
+):
+    wall = Clock()
+    agent = make_agent(wall)
+    agent._tick()  # enrolls with a good clock and records it
+    agent._write_last_good(time.time())
+    agent.last_good = agent._read_last_good()
+    before = active(agent.device)
+    count = issued(registrar_world)
+
+    wall.offset = -90 * DAY  # a board without an RTC, booted offline
+    agent._renew_now = False
+    agent.next_renewal = 0.0  # even an overdue renewal must wait
+    agent._tick()
+    assert agent._summary() == "clock_untrusted"
+    assert "behind the last known-good" in agent.clock_reason
+    assert issued(registrar_world) == count
+    assert active(agent.device) == before
+
+    wall.offset = 0.0  # NTP fixed it: work resumes within one tick
+    agent._tick()
+    assert agent.clock_state == "trusted"
+    assert issued(registrar_world) == count + 1
+
+
+def test_jump_forward_past_the_renewal_point_renews_on_the_next_tick(
+    make_agent, registrar_world
+):
+    wall = Clock()
+    agent = make_agent(wall)
+    agent._tick()
+    count = issued(registrar_world)
+    due = agent.next_renewal
+    wall.offset = due - time.time() + 1  # suspend, resume after the due time
+    agent._tick()
+    assert issued(registrar_world) == count + 1
+
+
+def test_jump_back_stops_renewal_decisions(make_agent, registrar_world):
+    wall = Clock()
+    agent = make_agent(wall)
+    agent._tick()
+    agent.last_good = time.time()
+    count = issued(registrar_world)
+    wall.offset = -3600
+    agent.next_renewal = 0.0
+    agent._tick()
+    assert agent.clock_state == "untrusted"
+    assert issued(registrar_world) == count
+
+
+def test_a_backdating_ca_does_not_cause_a_renewal_storm(
+    make_agent, registrar_world
+):
+    agent = make_agent(Clock(), lifetime=60, backdate=3600)
+    agent._tick()
+    assert agent.identity[0] == "ldevid"
+    assert agent.next_renewal - time.time() > 20
+
+
+def test_a_ca_capping_the_lifetime_is_renewed_by_the_real_lifetime(
+    make_agent, registrar_world
+):
+    agent = make_agent(Clock(), lifetime=120, max_lifetime=6)
+    agent._tick()
+    assert agent.leaf is not None
+    lifetime = agent.leaf.not_valid_after_utc - agent.leaf.not_valid_before_utc
+    assert lifetime.total_seconds() <= 6
+    assert agent.next_renewal - time.time() <= 6
+
+
+def test_last_good_time_survives_garbage(tmp_path):
+    assert clock.decode_last_good("not a time") is None
+    assert clock.decode_last_good(clock.encode_last_good(1234.5)) == 1234.5
+    assert LAST_GOOD_FILE
