@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import queue
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -12,6 +15,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from device_agent.session import Session
+from device_agent.tls import client_context
+from firmware_sim import registrar
 from firmware_sim.broker import Broker
 from firmware_sim.ca import CertificateAuthority, chain_pem, key_pem
 from firmware_sim.errors import SimError
@@ -19,6 +30,11 @@ from tpm_simulator.ports import free_port, free_port_pair
 from tpm_simulator.swtpm import Swtpm
 
 Echo = Callable[[str], None]
+
+MONITOR = "monitor"
+HEARTBEATS = "devices/+/heartbeat"
+RENEWAL_LIFETIME = 12
+RENEWALS = 3
 
 
 class Demo:
@@ -50,12 +66,18 @@ class Demo:
         with contextlib.ExitStack() as stack:
             tcti = self._start_tpm(stack)
             ca = self._make_ca()
-            broker = self._start_broker(stack, ca)
+            layout = self._make_registrar_ca()
+            broker = self._start_broker(stack, ca, layout)
             self._bring_up(tcti, ca, broker)
             self._talk(broker)
+            self._start_registrar(stack, layout, broker)
+            self._renew_live(stack, broker)
             self._check_tpm_clean(stack)
             self._title("Stopping everything the demo started")
-        self.echo("demo finished: the device is enrolled and connected.")
+        self.echo(
+            "demo finished: the device came up with its factory identity, "
+            "enrolled an operational one and renewed it live."
+        )
 
     def _start_tpm(self, stack: contextlib.ExitStack) -> str | None:
         if self.key_store != "tpm":
@@ -75,17 +97,32 @@ class Demo:
         self.echo(f"   trust anchor {ca.root_path}")
         return ca
 
+    def _make_registrar_ca(self) -> registrar.Layout:
+        self._title("Creating the operational CA the registrar signs with")
+        layout = registrar.prepare(self.workdir / "registrar")
+        self.echo(f"   trust anchor {layout.root_path}")
+        return layout
+
     def _start_broker(
-        self, stack: contextlib.ExitStack, ca: CertificateAuthority
+        self,
+        stack: contextlib.ExitStack,
+        ca: CertificateAuthority,
+        layout: registrar.Layout,
     ) -> Broker:
         self._title("Starting mosquitto with mutual TLS on 127.0.0.1")
+        operational = CertificateAuthority.load(layout.ca_dir)
         server_dir = self.workdir / "broker-credentials"
         server_dir.mkdir(mode=0o700)
         chain, key = ca.issue_server_cert()
         (server_dir / "server.pem").write_bytes(chain_pem(chain))
         (server_dir / "server.key").write_bytes(key_pem(key))
         (server_dir / "server.key").chmod(0o600)
-        (server_dir / "crl.pem").write_bytes(ca.crl())
+        (server_dir / "crl.pem").write_bytes(ca.crl() + operational.crl())
+        self.anchors = server_dir / "device-cas.pem"
+        self.anchors.write_bytes(
+            ca.root_path.read_bytes() + layout.root_path.read_bytes()
+        )
+        self._make_monitor(operational)
 
         # mosquitto drops root privileges, so it works in a directory of
         # its own rather than inside the demo's private one.
@@ -94,10 +131,14 @@ class Demo:
         broker = Broker(
             workdir=broker_dir,
             port=free_port(),
-            ca_file=ca.root_path,
+            ca_file=self.anchors,
             server_cert_file=server_dir / "server.pem",
             server_key_file=server_dir / "server.key",
             crl_file=server_dir / "crl.pem",
+            service_users={
+                registrar.NAME: list(registrar.ACL_TOPICS),
+                MONITOR: [HEARTBEATS],
+            },
         )
         broker.start()
         stack.callback(broker.stop)
@@ -120,6 +161,7 @@ class Demo:
             "--state-dir", str(device_dir / "state"),
             "--broker", f"127.0.0.1:{broker.port}",
             "--ca-file", str(ca.root_path),
+            "--trust-anchor", str(self.anchors),
         ]  # fmt: skip
         if tcti is not None:
             init += ["--tcti", tcti]
@@ -159,6 +201,125 @@ class Demo:
         )  # fmt: skip
         connects = broker.log_text().count(f"u'{self.device_id}'")
         self.echo(f"   the broker logged {connects} connection(s) as this CN")
+
+    def _make_monitor(self, operational: CertificateAuthority) -> None:
+        """A back-end client that may read every device's heartbeat."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MONITOR)])
+        request = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(name)
+            .sign(key, hashes.SHA256())
+        )
+        directory = self.workdir / "monitor"
+        directory.mkdir(mode=0o700)
+        self.monitor_chain = directory / "chain.pem"
+        self.monitor_key = directory / "key.pem"
+        self.monitor_chain.write_bytes(
+            chain_pem(operational.sign_csr(request, days=1))
+        )
+        self.monitor_key.write_bytes(key_pem(key))
+        self.monitor_key.chmod(0o600)
+
+    def _start_registrar(
+        self,
+        stack: contextlib.ExitStack,
+        layout: registrar.Layout,
+        broker: Broker,
+    ) -> None:
+        self._title(
+            f"Starting the registrar: {RENEWAL_LIFETIME}-second "
+            "operational certificates, over MQTT"
+        )
+        service = registrar.Registrar.from_directory(
+            layout.directory,
+            "127.0.0.1",
+            broker.port,
+            self.workdir / "factory-ca" / "root.pem",
+            lifetime=RENEWAL_LIFETIME,
+        )
+        service.registry.add(self.device_id, self.serial)
+        service.start()
+        stack.callback(service.stop)
+        self.registrar = service
+        self.echo(f"   {self.device_id} registered as a known device")
+
+    def _renew_live(self, stack: contextlib.ExitStack, broker: Broker) -> None:
+        self._title(
+            "Running the agent: it enrolls an operational identity, then "
+            "renews it with a new key each time, switching its live session"
+        )
+        with self.config.open("a") as stream:
+            stream.write(
+                "heartbeat_interval = 1\nrenew_fraction = 0.5\n"
+                "renew_jitter = 0\nrenew_floor = 0\n"
+                "retry_base = 1\nretry_cap = 4\n"
+            )
+        monitor = self._monitor(broker)
+        stack.callback(monitor.close)
+        self.echo("   $ device-agent run   (heartbeat every 1 s)")
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "device_agent", "--config",
+             str(self.config), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        stack.callback(_stop_process, agent)
+
+        serials = self._watch(monitor, RENEWALS + 1)
+        _stop_process(agent)
+        self.echo(
+            f"   {len(serials) - 1} renewals, each certificate seen in a "
+            f"heartbeat over its own session; longest gap between "
+            f"heartbeats {self.longest_gap:.2f} s"
+        )
+        log = broker.log_text()
+        sessions = log.count(f"u'{self.device_id}'")
+        self.echo(f"   the broker logged {sessions} sessions as this CN")
+
+    def _monitor(self, broker: Broker) -> Session:
+        def context() -> ssl.SSLContext:
+            return client_context(
+                self.workdir / "factory-ca" / "root.pem",
+                self.monitor_chain,
+                self.monitor_key,
+            )
+
+        monitor = Session("127.0.0.1", broker.port, MONITOR, context)
+        monitor.open()
+        monitor.subscribe(HEARTBEATS)
+        return monitor
+
+    def _watch(self, monitor: Session, wanted: int) -> list[str]:
+        """Print heartbeats until ``wanted`` operational certificates."""
+        serials: list[str] = []
+        last: float | None = None
+        self.longest_gap = 0.0
+        deadline = time.monotonic() + 30 + wanted * RENEWAL_LIFETIME
+        while len(serials) < wanted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SimError("the agent did not renew in time")
+            try:
+                message = monitor.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            now = time.monotonic()
+            if last is not None:
+                self.longest_gap = max(self.longest_gap, now - last)
+            last = now
+            beat = json.loads(message.payload)
+            if beat["identity"] != "ldevid":
+                continue
+            if beat["serial"] not in serials:
+                serials.append(beat["serial"])
+                verb = "enrolled" if len(serials) == 1 else "renewed"
+                self.echo(
+                    f"   {verb}: generation {beat['generation']}, "
+                    f"certificate {beat['serial'][:16]}..."
+                )
+        return serials
 
     def _check_tpm_clean(self, stack: contextlib.ExitStack) -> None:
         tpm = getattr(self, "tpm", None)
@@ -214,3 +375,13 @@ def workspace(keep: Path | None) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _stop_process(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -398,7 +398,10 @@ class Registrar:
         )
 
     def stop(self) -> None:
-        """Stop serving; requests not yet handled are left unanswered."""
+        """Stop serving; requests not yet handled are left unanswered.
+
+        :meth:`start` may serve again afterwards.
+        """
         self._stop.set()
         session = self._session
         if session is not None:
@@ -413,6 +416,10 @@ class Registrar:
             left = _unread(session.messages)
             if left:
                 logger.warning("registrar stopped, %d requests unread", left)
+
+    def close(self) -> None:
+        """Stop, and close the registry if :meth:`from_directory` opened it."""
+        self.stop()
         if self._owned_registry is not None:
             self._owned_registry.close()
             self._owned_registry = None
@@ -421,7 +428,7 @@ class Registrar:
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self.close()
             raise
         return self
 
@@ -431,7 +438,7 @@ class Registrar:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()
 
     def handle(self, device_id: str, payload: bytes) -> bytes | None:
         """The answer to one request from ``device_id``; None to drop it.

@@ -654,6 +654,17 @@ def test_policy_refuses_settings_no_ca_would_have(options):
         registrar.Policy(**options)
 
 
+def test_registrar_serves_again_after_a_restart(registrar_world, device):
+    service = registrar_world.registrar
+    dev = device()
+
+    service.stop()
+    service.start()
+    key = p256_key()
+
+    issued_chain(dev.request(csr_pem(key)), key)
+
+
 # Set-up
 
 
