@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 MAX_BUNDLE_BYTES = 1024 * 1024
 MAX_CERTIFICATES = 32
 MAX_DEPTH = 8
+# Real device and CA certificates are 0.5-2 KiB. A much larger one would
+# be presented in every TLS handshake and brokers refuse oversized ones,
+# so it is refused here instead of breaking every connection later.
+MAX_CERTIFICATE_BYTES = 16 * 1024
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]{1,40})-----(.*?)-----END \1-----", re.DOTALL
@@ -46,7 +50,42 @@ def read_bundle(data: bytes) -> list[x509.Certificate]:
         raise ChainError(
             "unreadable", f"more than {MAX_CERTIFICATES} certificates"
         )
+    for number, cert in enumerate(certs, 1):
+        _check_parsable(cert, number)
     return certs
+
+
+def _check_parsable(cert: x509.Certificate, number: int) -> None:
+    """Read every part we rely on now, so a malformed one fails here.
+
+    cryptography parses extensions, names and keys lazily; a hostile
+    certificate would otherwise fail later, in the middle of checks.
+    """
+    size = len(cert.public_bytes(serialization.Encoding.DER))
+    if size > MAX_CERTIFICATE_BYTES:
+        raise ChainError(
+            "unreadable",
+            f"certificate {number} is {size} bytes, over the "
+            f"{MAX_CERTIFICATE_BYTES} allowed",
+        )
+    try:
+        cert.public_key()
+        for extension in cert.extensions:
+            _ = extension.value
+        for name in (cert.subject, cert.issuer):
+            name.rfc4514_string()
+        _ = cert.not_valid_before_utc, cert.not_valid_after_utc
+        _ = cert.signature_hash_algorithm
+    except (
+        ValueError,
+        TypeError,
+        UnsupportedAlgorithm,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as exc:
+        raise ChainError(
+            "unreadable", f"certificate {number}: {_first(exc)}"
+        ) from None
 
 
 def _read_pem(data: bytes) -> list[x509.Certificate]:
@@ -72,8 +111,8 @@ def _read_pem(data: bytes) -> list[x509.Certificate]:
             raise ChainError(
                 "unreadable", f"bad {label.decode()} block: {_first(exc)}"
             ) from None
-    if not certs and b"-----BEGIN" in data:
-        raise ChainError("unreadable", "no complete PEM block")
+    if data.count(b"-----BEGIN") != len(list(_PEM_BLOCK.finditer(data))):
+        raise ChainError("unreadable", "a PEM block is incomplete")
     return certs
 
 

@@ -156,10 +156,11 @@ def _path(value: Any) -> Path:
 
 
 def _host(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > 253:
+    # International names are given in their ASCII (punycode) form.
+    if not isinstance(value, str) or not 0 < len(value) <= 253:
         raise ValueError("must be a host name or IP address")
-    if any(c.isspace() or c in "/@" for c in value):
-        raise ValueError("must be a host name or IP address")
+    if not all("!" <= c <= "~" and c not in "/@[]" for c in value):
+        raise ValueError("must be a host name or IP address in ASCII")
     return value
 
 
@@ -196,14 +197,16 @@ _REQUIRED = ("device_id", "state_dir")
 
 def read_file(path: Path) -> dict[str, Any]:
     """Parse a TOML config file into raw values; paths relative to it."""
+    if path.exists() and not path.is_file() and str(path) != "/dev/null":
+        raise ConfigError(str(path), "is not a regular file")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(str(path), "no such file") from None
     except IsADirectoryError:
         raise ConfigError(str(path), "is a directory") from None
-    except PermissionError:
-        raise ConfigError(str(path), "permission denied") from None
+    except OSError as exc:
+        raise ConfigError(str(path), exc.strerror or str(exc)) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:

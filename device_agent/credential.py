@@ -46,7 +46,7 @@ def keygen(settings: Settings, force: bool = False) -> dict[str, Any]:
                 f"a key exists already (generation {existing.number}); "
                 "use --force to make a new one"
             )
-        key_store = keys.choose(settings)
+        key_store = key_store_for_new_key(settings)
         generation = store.new_generation()
         try:
             public_key = key_store.generate(
@@ -58,14 +58,31 @@ def keygen(settings: Settings, force: bool = False) -> dict[str, Any]:
         replaced = store.pending()
         store.set_pending(generation)
         if replaced is not None:
-            shutil.rmtree(replaced.path)
+            store.discard(replaced)
 
     return {
+        "replaced_pending": replaced.number if replaced else None,
         "generation": generation.number,
         "key_store": key_store.kind,
         "hardware_protected": key_store.hardware_protected,
         "fingerprint": fingerprint(public_key),
     }
+
+
+def key_store_for_new_key(settings: Settings) -> keys.KeyStore:
+    """Where a new key goes: where this device's keys already are.
+
+    ``key_store`` decides only for the very first key. After that a
+    device whose keys live in a TPM keeps making them there, and a TPM
+    that does not answer is an error, never a reason to use software.
+    """
+    for lineage in ("ldevid", "idevid"):
+        store = CredentialStore(settings.state_dir, lineage)
+        for generation in (store.current(), store.pending()):
+            key = generation.key_path() if generation else None
+            if key is not None:
+                return keys.for_key(key, settings)
+    return keys.choose(settings)
 
 
 def signing_generation(store: CredentialStore) -> Generation:
@@ -103,9 +120,23 @@ def install_chain(
     with store.lock():
         target, ordered = _match_key(settings, store, certificates)
         chain.verify(ordered, anchors, settings.device_id, now)
-        if target == store.current():
-            target = store.copy_key(target)
-        store.install(target, chain.to_pem(ordered))
+        pem = chain.to_pem(ordered)
+        if (
+            target.chain_path.exists()
+            and target.chain_path.read_bytes() == pem
+        ):
+            # The same chain again: after an interrupted install it may
+            # still wait under "pending"; otherwise nothing changes.
+            if target != store.current():
+                store.commit(target)
+        else:
+            sealed = target if target.chain_path.exists() else None
+            if sealed is not None:
+                target = store.copy_key(sealed)
+            store.install(target, pem)
+            if sealed is not None and sealed == store.pending():
+                store.discard(sealed)
+        store.prune()
 
     leaf = ordered[0]
     logger.info(
@@ -158,8 +189,7 @@ def open_session(
     key_path = _key_path(generation)
     chain_path = generation.chain_path
     kind = keys.kind_of(key_path)
-    if kind == "software":
-        check_private_file(key_path)
+    check_private_file(key_path)
     ca_file = settings.require("ca_file")
 
     def context() -> ssl.SSLContext:

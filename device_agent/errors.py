@@ -66,9 +66,9 @@ class StoreError(AgentError):
 class SessionError(AgentError):
     """An MQTT session could not be opened or was lost.
 
-    ``reason`` is one of ``unreachable``, ``tls``, ``refused``, ``timeout``
-    or ``lost``; ``code`` carries the MQTT reason code when the broker
-    sent one.
+    ``reason`` is one of ``unreachable``, ``tls``, ``refused``, ``timeout``,
+    ``lost`` or ``topic`` (a topic MQTT does not allow); ``code`` carries
+    the MQTT reason code when the broker sent one.
     """
 
     exit_code = 7
@@ -76,7 +76,8 @@ class SessionError(AgentError):
     def __init__(
         self, reason: str, detail: str, code: int | None = None
     ) -> None:
-        super().__init__(f"broker {reason}: {detail}")
+        prefix = "invalid topic" if reason == "topic" else f"broker {reason}"
+        super().__init__(f"{prefix}: {detail}")
         self.reason = reason
         self.detail = detail
         self.code = code

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from device_agent import chain, csr, keys
 from device_agent.config import Settings
+from device_agent.credential import key_store_for_new_key
 from device_agent.enroll import Enroller
 from device_agent.errors import AgentError, ChainError, RenewalError
 from device_agent.session import Session
@@ -132,7 +133,7 @@ class _Transaction:
 
     def _make_key(self) -> tuple[keys.KeyStore, Path]:
         self.step = "key"
-        key_store = self._key_store()
+        key_store = key_store_for_new_key(self.settings)
         with self.store.lock():
             self.generation = self.store.new_generation()
             key_path = self.generation.key_path_for(key_store.key_suffix)
@@ -140,20 +141,6 @@ class _Transaction:
             self.store.set_pending(self.generation)
         _checkpoint("key")
         return key_store, key_path
-
-    def _key_store(self) -> keys.KeyStore:
-        """The store the device already uses; config decides only at first.
-
-        A device whose keys live in a TPM keeps making them there: a TPM
-        that does not answer fails the renewal instead of quietly moving
-        the new key to software.
-        """
-        factory = CredentialStore(self.settings.state_dir, FACTORY)
-        for generation in (self.store.current(), factory.current()):
-            key = generation.key_path() if generation else None
-            if key is not None:
-                return keys.for_key(key, self.settings)
-        return keys.choose(self.settings)
 
     def _make_csr(self, key_store: keys.KeyStore, key_path: Path) -> bytes:
         self.step = "csr"

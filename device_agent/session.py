@@ -80,6 +80,7 @@ class Session:
         self._handlers: dict[str, Callable[[Message], None]] = {}
         self._acks: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._acks_lock = threading.Lock()
+        self._puback_codes: dict[int, ReasonCode] = {}
         self._thread: threading.Thread | None = None
         self._random = random.SystemRandom()
 
@@ -106,19 +107,24 @@ class Session:
         self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0
     ) -> None:
         """Publish and, for QoS 1 and 2, wait until the broker has it."""
+        check_topic(topic, wildcards=False)
         client = self._require_client()
         info = client.publish(topic, payload, qos=qos)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise SessionError("lost", f"publish to {topic} failed")
-        if qos:
-            try:
-                info.wait_for_publish(timeout)
-            except RuntimeError as exc:
-                raise SessionError("lost", str(exc)) from None
-            if not info.is_published():
-                raise SessionError(
-                    "timeout", f"no acknowledgement for {topic}"
-                )
+        if not qos:
+            return
+        try:
+            info.wait_for_publish(timeout)
+        except RuntimeError as exc:
+            raise SessionError("lost", str(exc)) from None
+        if not info.is_published():
+            raise SessionError("timeout", f"no acknowledgement for {topic}")
+        code = self._puback_codes.pop(info.mid, None)
+        if code is not None and code.is_failure:
+            raise SessionError(
+                "refused", f"publish to {topic} refused: {code}", code.value
+            )
 
     def subscribe(
         self,
@@ -132,6 +138,7 @@ class Session:
         Messages matching ``topic`` go to ``handler`` (called on the
         network thread) when one is given, else to :attr:`messages`.
         """
+        check_topic(topic, wildcards=True)
         client = self._require_client()
         if handler is not None:
             self._handlers[topic] = handler
@@ -241,6 +248,7 @@ class Session:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         client.on_log = self._on_log
         return client
 
@@ -321,6 +329,14 @@ class Session:
                 return
         self.messages.put(message)
 
+    def _on_publish(
+        self, client: Any, userdata: Any, mid: int, code: Any, props: Any
+    ) -> None:
+        if isinstance(code, ReasonCode) and code.is_failure:
+            if len(self._puback_codes) > 1000:
+                self._puback_codes.clear()
+            self._puback_codes[mid] = code
+
     def _on_subscribe(
         self, client: Any, userdata: Any, mid: int, codes: Any, props: Any
     ) -> None:
@@ -334,9 +350,36 @@ class Session:
     def _on_log(
         self, client: Any, userdata: Any, level: int, text: str
     ) -> None:
-        if level == mqtt.MQTT_LOG_ERR:
+        # The first error of an attempt is the cause; later ones, such as
+        # "client is not connected", are its consequences.
+        if level == mqtt.MQTT_LOG_ERR and self._last_error is None:
             self._last_error = _clean_log(text)
         logger.debug("paho: %s", text)
+
+
+MAX_TOPIC_BYTES = 65535
+
+
+def check_topic(topic: str, wildcards: bool) -> None:
+    """Refuse a topic (or, with ``wildcards``, a filter) MQTT forbids."""
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SessionError("topic", f"{topic!r} is not valid UTF-8") from None
+    if not topic or size > MAX_TOPIC_BYTES or "\0" in topic:
+        raise SessionError(
+            "topic", "a topic must be 1 to 65535 bytes without NUL"
+        )
+    levels = topic.split("/")
+    for index, level in enumerate(levels):
+        if not wildcards and ("+" in level or "#" in level):
+            raise SessionError(
+                "topic", f"{topic!r}: wildcards are for subscribing only"
+            )
+        if "+" in level and level != "+":
+            raise SessionError("topic", f"{topic!r}: '+' must fill a level")
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            raise SessionError("topic", f"{topic!r}: '#' must end the filter")
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:

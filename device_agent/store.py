@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,10 @@ class CredentialStore:
         """
         _make_private_dir(self.state_dir)
         path = self.state_dir / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror or exc}") from None
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -95,6 +99,10 @@ class CredentialStore:
             yield
         finally:
             os.close(fd)
+
+    def prepare(self) -> None:
+        """Make the state directory, or check an existing one is private."""
+        _make_private_dir(self.state_dir)
 
     def current(self) -> Generation | None:
         """The credential in use, or None before the first install."""
@@ -171,6 +179,22 @@ class CredentialStore:
                 self.discard(generation)
                 retired.append(generation.number)
         return retired
+
+    def prune(self, keep: int = 2) -> list[int]:
+        """Delete old certified generations beyond the newest ``keep``.
+
+        The current and pending generations always stay, and so does the
+        one before the current, as a fallback while it proves itself.
+        """
+        keep_set = {self.current(), self.pending()}
+        complete = [g for g in self.generations() if g.complete()]
+        keep_set.update(complete[-keep:])
+        pruned = []
+        for generation in self.generations():
+            if generation not in keep_set and generation.complete():
+                self.discard(generation)
+                pruned.append(generation.number)
+        return pruned
 
     def destroy(self) -> None:
         """Delete the whole lineage: every key and certificate in it."""
@@ -279,9 +303,27 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 
 def _make_private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o700)
+    """Make a 0700 directory, or check that an existing one is private.
+
+    A directory that others can enter is refused rather than tightened:
+    it may be shared, and changing its mode behind a user's back would
+    break whatever else lives there.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        return
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc}") from None
+    if not path.is_dir() or path.is_symlink():
+        raise StoreError(f"{path}: not a directory")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise StoreError(
+            f"{path} is open to group or others (mode {mode:04o}); keys are "
+            "kept only in a directory private to the agent (chmod 700)"
+        )
 
 
 def _fsync_dir(path: Path) -> None:

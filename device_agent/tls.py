@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -26,6 +27,7 @@ class _NamedContext(ssl.SSLContext):
 
     paho hands the host it connects to as the server name; a broker
     reached by address but certified under a name needs this instead.
+    It is also where the TCP socket is seen before TLS wraps it.
     """
 
     server_name: str | None = None
@@ -33,6 +35,9 @@ class _NamedContext(ssl.SSLContext):
     def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
         if self.server_name is not None:
             kwargs["server_hostname"] = self.server_name
+        # MQTT sends small packets and waits for answers; with Nagle's
+        # algorithm each of them would wait ~40 ms for a delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return super().wrap_socket(sock, *args, **kwargs)
 
 
@@ -79,6 +84,12 @@ def load_tpm_provider(tcti: str, modules_dir: Path | None = None) -> None:
         if modules_dir is not None:
             set_path(None, os.fsencode(modules_dir))
         if not load(None, b"tpm2"):
+            # The provider opens the TPM when it loads, so an absent TPM
+            # looks like a missing provider; tell the two apart.
+            from device_agent.keys.tpm import TPMKeyStore
+
+            if not TPMKeyStore(tcti).answers():
+                raise TPMError(f"no TPM answers at {tcti}")
             raise TPMError(
                 "OpenSSL could not load the tpm2 provider "
                 "(tpm2-openssl 1.2 or newer is needed; run scripts/setup.sh)"

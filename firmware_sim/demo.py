@@ -240,7 +240,7 @@ class Demo:
         )
         service.registry.add(self.device_id, self.serial)
         service.start()
-        stack.callback(service.stop)
+        stack.callback(service.close)
         self.registrar = service
         self.echo(f"   {self.device_id} registered as a known device")
 

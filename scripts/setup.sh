@@ -116,6 +116,10 @@ install_provider() {
         say "tpm2-openssl $(dpkg-query -W -f='${Version}' tpm2-openssl)"
         return
     fi
+    if [ -f "$modules/tpm2.so" ]; then
+        say "tpm2-openssl provider present in .venv"
+        return
+    fi
     apt_update_once
     local candidate
     candidate=$(candidate_version tpm2-openssl)
@@ -124,10 +128,6 @@ install_provider() {
         say "installing tpm2-openssl $candidate"
         as_root env DEBIAN_FRONTEND=noninteractive \
             apt-get install -y -qq tpm2-openssl >/dev/null
-        return
-    fi
-    if [ -f "$modules/tpm2.so" ]; then
-        say "tpm2-openssl provider present in .venv"
         return
     fi
     unpack_trixie_provider

@@ -209,3 +209,107 @@ def test_pem_shaped_garbage(labels, body):
         chain.read_bundle(blocks)
     except ChainError as exc:
         assert exc.reason == "unreadable"
+
+
+def _patched(key, value: bytes, count: int) -> bytes:
+    """A certificate whose SAN is hostile, made by patching the DER.
+
+    Builders refuse duplicate or malformed extensions, so placeholder
+    extensions (OID 2.5.29.99) are added and their OID is rewritten to
+    subjectAltName (2.5.29.17) in the encoding afterwards.
+    """
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
+    placeholder = x509.ObjectIdentifier("2.5.29.99")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - datetime.timedelta(hours=1))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+    )
+    for index in range(count):
+        oid = (
+            x509.ObjectIdentifier(f"2.5.29.99.{index}")
+            if index
+            else placeholder
+        )
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(oid, value), critical=False
+        )
+    der = builder.sign(key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+    return der.replace(b"\x06\x03\x55\x1d\x63", b"\x06\x03\x55\x1d\x11")
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [(b"\x30\x00", 1), (b"\xff\xff\xff", 1)],
+    ids=["empty-san", "garbage-san"],
+)
+def test_hostile_extensions_are_unreadable_not_a_crash(key, value, count):
+    data = _patched(key, value, count)
+    try:
+        chain.read_bundle(data)
+    except ChainError as exc:
+        assert exc.reason == "unreadable"
+
+
+def test_duplicate_extension_is_unreadable(key):
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - datetime.timedelta(hours=1))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+        .add_extension(
+            x509.UnrecognizedExtension(
+                x509.ObjectIdentifier("2.5.29.99"), b"\x30\x00"
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("a.example")]),
+            critical=False,
+        )
+    )
+    der = builder.sign(key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER
+    )
+    patched = der.replace(b"\x06\x03\x55\x1d\x63", b"\x06\x03\x55\x1d\x11")
+    assert patched != der
+    with pytest.raises(ChainError, match=r"unreadable|certificate 1"):
+        chain.read_bundle(patched)
+
+
+def test_oversized_certificate_is_refused(cas, key):
+    factory, _ = cas
+    names = [x509.DNSName(f"n{i}.example") for i in range(2000)]
+    leaf = factory.sign_csr(request(key), san=names)[0]
+    with pytest.raises(ChainError, match="bytes, over"):
+        chain.read_bundle(pem(leaf))
+
+
+def test_truncated_last_block_is_named(cas, key):
+    factory, _ = cas
+    data = pem(*issue(factory, key))
+    with pytest.raises(ChainError, match="incomplete"):
+        chain.read_bundle(data[:-40])
+
+
+def test_leaf_without_san_or_eku_is_accepted(cas, key):
+    factory, _ = cas
+    plain = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
+        )
+        .sign(key, hashes.SHA256())
+    )
+    leaf, inter = factory.sign_csr(plain, eku=[])
+    assert accept(pem(leaf, inter), factory, key) == [leaf, inter]

@@ -115,12 +115,23 @@ def test_a_board_that_forgot_the_time_is_untrusted_until_it_is_set() -> None:
     assert assess(last_good + 60, last_good, [issued]) == (TRUSTED, "")
 
 
-def test_the_skew_forgives_a_ca_whose_clock_runs_a_little_ahead() -> None:
+def test_the_skew_forgives_clocks_a_little_apart() -> None:
     now = 1_700_000_000
-    assert assess(now, now, [now + 299]) == (TRUSTED, "")
+    assert assess(now, now + 299, [now + 299], 300, [now - 299]) == (
+        TRUSTED,
+        "",
+    )
+    assert assess(now, now + 301, []) == (
+        UNTRUSTED,
+        "clock is 301 s behind the last known-good time",
+    )
     assert assess(now, now, [now + 301]) == (
         UNTRUSTED,
         "clock is 301 s before a certificate's notBefore",
+    )
+    assert assess(now, now, [], 300, [now - 301]) == (
+        UNTRUSTED,
+        "clock is 301 s past a fresh certificate's notAfter",
     )
 
 

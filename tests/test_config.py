@@ -77,7 +77,7 @@ def test_unreadable_files(tmp_path):
         config.load(tmp_path / "missing.toml", environ={})
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(write(tmp_path, "device_id = \n"), environ={})
-    with pytest.raises(ConfigError, match="is a directory"):
+    with pytest.raises(ConfigError, match="not a regular file"):
         config.load(tmp_path, environ={})
 
 

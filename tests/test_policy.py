@@ -460,8 +460,21 @@ def test_a_one_year_certificate_backs_off_to_an_hour() -> None:
         pytest.approx(1200)
     )
 
-    # Expired: the agent enrolls afresh at the normal pace.
-    assert retry_delay(20, not_after + 1, not_after, YEAR) == 1800.0
+    # Expired: the agent enrolls afresh at the normal pace, and waits no
+    # longer than a week whatever a server asks.
+    expired = not_after + 1
+    assert retry_delay(20, expired, not_after, YEAR) == 1800.0
+    assert retry_delay(0, expired, not_after, YEAR, retry_after=INF) == (
+        policy.MAX_RETRY_AFTER
+    )
+
+
+def test_rounding_never_lands_a_retry_on_expiry() -> None:
+    # Next to a clock value this large, a wait a hair under one second
+    # rounds to exactly one second: the minimum has to do.
+    now = 1e10
+    delay = retry_delay(0, now, now + 1, 1e-9, minimum=0.5)
+    assert now + delay < now + 1
 
 
 @pytest.mark.parametrize(
@@ -578,6 +591,18 @@ def test_thirty_second_certificates_renewed_every_27_seconds_are_fine() -> (
         issued = 1000.0 + 27 * renewal
         assert not detector.is_loop(issued + 27, issued, issued + 30)
         detector.record(issued + 27)
+
+
+def test_haste_means_strictly_less_than_a_tenth() -> None:
+    detector = LoopDetector(floor=0)
+    for when in (0.0, 10.0, 20.0):
+        detector.record(when)
+    assert not detector.is_loop(30.0, 0.0, 100.0)
+
+    detector.reset()
+    for when in (0.0, 9.5, 19.0):
+        detector.record(when)
+    assert detector.is_loop(28.5, 0.0, 100.0)
 
 
 def test_a_clock_stepping_back_between_renewals_counts_as_haste() -> None:

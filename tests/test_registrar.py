@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from device_agent import chain, csr, tls
 from device_agent.core import messages
+from device_agent.errors import SessionError
 from device_agent.session import Session
 from firmware_sim import cli, registrar
 from firmware_sim.registry import (
@@ -389,8 +390,8 @@ def test_refuse_all_simulates_an_outage(registrar_world, device):
 def test_request_on_another_devices_topic_never_reaches_the_registrar(
     registrar_world, device
 ):
-    """mosquitto denies the publish (PUBACK "Not authorized", which paho
-    counts as published) and grants the subscription but filters reads.
+    """mosquitto denies the publish (PUBACK "Not authorized", which the
+    session reports) and grants the subscription but filters reads.
     """
     registrar_world.registry.add("dev-2")
     victim = device("dev-1")
@@ -398,7 +399,8 @@ def test_request_on_another_devices_topic_never_reaches_the_registrar(
     intruder.session.subscribe(messages.response_topic("dev-1"))
 
     forged = messages.encode_request("f00d", csr_pem(name="dev-1"))
-    intruder.send(forged, topic=messages.request_topic("dev-1"))
+    with pytest.raises(SessionError, match="Not authorized"):
+        intruder.send(forged, topic=messages.request_topic("dev-1"))
     # The registrar handles requests in the order the broker delivers
     # them, and the broker acknowledged the forged one first: had it
     # passed the ACL, its answer would come before this one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -29,6 +30,13 @@ def install_chain(app: App, source: str) -> None:
 
 
 def _read(source: str) -> bytes:
+    if source != "-" and not Path(source).is_file():
+        what = (
+            "no such file"
+            if not Path(source).exists()
+            else ("not a regular file")
+        )
+        raise ChainError("unreadable", f"{source}: {what}")
     try:
         if source == "-":
             return sys.stdin.buffer.read(MAX_READ + 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 
@@ -10,6 +11,7 @@ import click
 from device_agent import credential
 from device_agent.cli.main import App, pass_app
 from device_agent.errors import SessionError
+from device_agent.session import check_topic
 
 
 @click.command()
@@ -49,6 +51,10 @@ def connect(
     tls_max_version: str | None,
 ) -> None:
     """Connect to the broker with the device credential, then leave."""
+    if topic is not None:
+        check_topic(topic, wildcards=True)
+    if publish is not None:
+        check_topic(publish[0], wildcards=False)
     settings = app.settings()
     session = credential.open_session(
         settings, max_tls_version=tls_max_version
@@ -62,13 +68,13 @@ def connect(
             f"{session.client_id} over {session.tls_version} "
             f"in {elapsed:.1f} ms"
         )
-        if topic:
+        if topic is not None:
             session.subscribe(topic)
             click.echo(f"subscribed to {topic}")
-        if publish:
-            session.publish(publish[0], publish[1].encode())
+        if publish is not None:
+            session.publish(publish[0], os.fsencode(publish[1]))
             click.echo(f"published to {publish[0]}")
-        if topic:
+        if topic is not None:
             _receive(session.messages, count, timeout)
     finally:
         session.close()

@@ -13,6 +13,7 @@ from device_agent.errors import AgentError
 
 INTERNAL_ERROR_EXIT = 70
 INTERRUPTED_EXIT = 130
+OS_ERROR_EXIT = 74
 
 
 def run(
@@ -39,6 +40,12 @@ def run(
         if debug:
             traceback.print_exc()
         _fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        # A file or device the command was pointed at: say which and why.
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}", OS_ERROR_EXIT)
     except (KeyboardInterrupt, click.Abort):
         _fail("interrupted", INTERRUPTED_EXIT)
     except Exception as exc:

@@ -30,6 +30,12 @@ def keygen(app: App, force: bool) -> None:
         f"key {result['generation']} made {protection}; "
         f"public key sha256 {result['fingerprint']}"
     )
+    if result["replaced_pending"] is not None:
+        click.echo(
+            f"pending key {result['replaced_pending']} was destroyed; a CSR "
+            "made with it can no longer be installed",
+            err=True,
+        )
 
 
 @click.command()

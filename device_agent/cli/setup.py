@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -10,16 +9,23 @@ import click
 from device_agent import config
 from device_agent.cli.main import App, pass_app
 from device_agent.errors import ConfigError
-from device_agent.store import write_atomic
+from device_agent.store import CredentialStore, write_atomic
 
 
 def _broker(value: str) -> tuple[str, int | None]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port.isdigit():
+    """HOST, HOST:PORT, an IPv6 address, or [IPv6]:PORT."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError("broker", f"{value!r} is not [ADDRESS]:PORT")
+        port = rest[1:]
+    elif value.count(":") > 1:
+        return value, None  # a bare IPv6 address
+    else:
+        host, _, port = value.partition(":")
+    if not port:
+        return host, None
+    if not (port.isascii() and port.isdigit()):
         raise ConfigError("broker", f"{value!r} is not HOST:PORT")
     return host, int(port)
 
@@ -36,8 +42,8 @@ def _broker(value: str) -> tuple[str, int | None]:
 @click.option("--tcti", default="device:/dev/tpmrm0", show_default=True)
 @click.option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("/var/lib/device-agent"),
+    type=click.Path(file_okay=False),
+    default="/var/lib/device-agent",
     show_default=True,
 )
 @click.option("--broker", metavar="HOST[:PORT]", required=True)
@@ -61,7 +67,7 @@ def init(
     serial: str | None,
     key_store: str,
     tcti: str,
-    state_dir: Path,
+    state_dir: str,
     broker: str,
     ca_file: Path,
     trust_anchor: Path | None,
@@ -69,13 +75,17 @@ def init(
     force: bool,
 ) -> None:
     """Write the config file for this device."""
+    if not state_dir.strip():
+        raise click.BadParameter("must not be empty", param_hint="--state-dir")
+    if not broker.strip():
+        raise click.BadParameter("must not be empty", param_hint="--broker")
     host, port = _broker(broker)
     values = {
         "device_id": device_id,
         "serial": serial,
         "key_store": key_store,
         "tcti": tcti,
-        "state_dir": str(state_dir.absolute()),
+        "state_dir": str(Path(state_dir).absolute()),
         "broker_host": host,
         "broker_port": port,
         "ca_file": str(ca_file.absolute()),
@@ -92,11 +102,12 @@ def init(
         raise ConfigError(
             str(target), "exists already; use --force to replace it"
         )
+    if target.exists() and not target.is_file():
+        raise ConfigError(str(target), "is not a regular file")
+    CredentialStore(Path(state_dir)).prepare()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, config.to_toml(values).encode(), mode=0o644)
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
     except OSError as exc:
         raise ConfigError(
             str(exc.filename or target), exc.strerror or str(exc)

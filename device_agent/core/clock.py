@@ -88,10 +88,8 @@ def advance(
 def encode_last_good(value: float) -> str:
     """The text to store for a last known-good time."""
     _check_finite(value, "value")
-    # An int is kept exact, which matters on boards whose floats are single
-    # precision: there a float of today's time is off by a minute.
-    if type(value) is int:
-        return str(value) + "\n"
+    # An int stays an int, exact, which matters on boards whose floats are
+    # single precision: there a float of today's time is off by a minute.
     return repr(value) + "\n"
 
 

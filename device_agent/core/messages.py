@@ -172,7 +172,8 @@ def _load(data: bytes) -> "dict[str, Any]":
         raise MessageError("message larger than 64 KiB")
     try:
         message = json.loads(data)
-    except ValueError:
+    except (ValueError, RuntimeError):
+        # RuntimeError: deeply nested input exhausts the parser's recursion.
         raise MessageError("not JSON") from None
     if type(message) is not dict:
         raise MessageError("not a JSON object")

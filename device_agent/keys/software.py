@@ -80,16 +80,19 @@ def check_private_file(path: Path) -> None:
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Write a new file at 0600 in a 0700 directory, durably.
+    """Write a new file at 0600 in a private directory, durably.
 
-    The file must not exist yet: keys are never overwritten in place.
+    The file must not exist yet: keys are never overwritten in place, and
+    the directory, which the credential store made, must be private.
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    if stat.S_IMODE(path.parent.stat().st_mode) & 0o077:
+        raise KeyStoreError(f"{path.parent}: not a private directory")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise KeyStoreError(f"{path}: a key is already there") from None
+    except OSError as exc:
+        raise KeyStoreError(f"{path}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "wb") as stream:
         stream.write(data)
         stream.flush()

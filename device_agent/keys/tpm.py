@@ -49,7 +49,7 @@ class TPMKeyStore:
     def answers(self) -> bool:
         """Whether a TPM answers at the configured TCTI."""
         try:
-            with self._context() as ectx:
+            with self._context() as ectx, _tss_errors("asking for random"):
                 ectx.get_random(8)
         except TPMError as exc:
             logger.debug("no TPM at %s: %s", self.tcti, exc)
