@@ -71,6 +71,9 @@ class Agent:
         self.clock_state = "trusted"
         self.clock_reason = ""
         self.last_good: float | None = None
+        # The notAfter of a certificate the broker or the CA vouched for a
+        # moment ago, and when: a clock past it is wrong, not the cert.
+        self._fresh: tuple[float, float] | None = None
         self._good_since: float | None = None
         self.next_renewal = NEVER
         self.next_heartbeat = 0.0
@@ -216,6 +219,11 @@ class Agent:
             generation.number,
         )
 
+    def _vouched(self) -> None:
+        if self.leaf is not None:
+            not_after = self.leaf.not_valid_after_utc.timestamp()
+            self._fresh = (not_after, time.monotonic())
+
     def _refused(self, session: Session) -> bool:
         error = session.last_error or ""
         return not session.connected and (
@@ -331,6 +339,7 @@ class Agent:
         old, self.session = self.session, renewed.session
         self.identity = (OPERATIONAL, renewed.generation)
         self.leaf = renewed.leaf
+        self._vouched()
         old.close()
         self.retire_after_proof = True
         self.failures = 0
@@ -408,8 +417,15 @@ class Agent:
         not_befores = [
             leaf.not_valid_before_utc.timestamp() for leaf in leaves if leaf
         ]
+        fresh = []
+        if self._fresh is not None and time.monotonic() - self._fresh[1] < 60:
+            fresh.append(self._fresh[0])
         state, reason = clock.assess(
-            now, self.last_good, not_befores, self.settings.clock_skew
+            now,
+            self.last_good,
+            not_befores,
+            self.settings.clock_skew,
+            fresh_not_afters=fresh,
         )
         if state != self.clock_state:
             logger.warning("clock %s: %s", state, reason or "sane again")

@@ -204,6 +204,7 @@ class Session:
                 "unreachable", f"{target}: {exc.strerror or exc}"
             ) from None
 
+        self.tls_version = self.tls_version_of(client)
         # paho's own thread owns the socket from here on: an SSL socket
         # must not be read and written from two threads at once.
         client.loop_start()
@@ -215,15 +216,11 @@ class Session:
         if code is None:
             if not self._changed.is_set():
                 raise SessionError("timeout", f"no CONNACK from {target}")
-            detail = self._last_error or "connection closed before CONNACK"
-            raise SessionError("refused", detail)
+            raise SessionError("refused", self._closed_reason())
         if code.is_failure:
             raise SessionError("refused", f"CONNACK {code}", int(code.value))
 
         self._client = client
-        sock = client.socket()
-        if isinstance(sock, ssl.SSLSocket):
-            self.tls_version = sock.version()
         self._changed.clear()
         self._connected.set()
         if not client.is_connected():
@@ -234,6 +231,27 @@ class Session:
             self.client_id,
             self.tls_version,
         )
+
+    def _closed_reason(self) -> str:
+        """Why the broker hung up between the handshake and CONNACK."""
+        error = self._last_error
+        if error and error.startswith("TLS alert"):
+            return error
+        # With TLS 1.3 the broker checks our certificate after our side of
+        # the handshake is done, and often hangs up without an alert.
+        seen = f" ({error})" if error else ""
+        return (
+            f"the broker closed the connection before CONNACK{seen}; it "
+            "most likely refused our certificate (revoked, expired or "
+            "from an unknown CA)"
+        )
+
+    @staticmethod
+    def tls_version_of(client: mqtt.Client) -> str | None:
+        sock = client.socket()
+        if isinstance(sock, ssl.SSLSocket):
+            return sock.version()
+        return None
 
     def _new_client(self) -> mqtt.Client:
         client = mqtt.Client(

@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +32,19 @@ CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY)
 # Certificates start a little in the past so that a device whose clock
 # runs slightly behind the CA's still accepts what it was just given.
 BACKDATE = datetime.timedelta(minutes=5)
+
+# A hundred years: longer lifetimes are typing mistakes, and a few more
+# digits would pass the last date X.509 can express.
+MAX_DAYS = 36500
+
+# X.509 bounds a common name and an organization at 64 bytes (as UTF-8);
+# the intermediate's common name is the CA name and this suffix.
+MAX_NAME_BYTES = 64
+_INTERMEDIATE_SUFFIX = " Intermediate CA"
+
+# Certificates, keys and CSRs are a few kilobytes; anything far larger
+# is the wrong file, and reading it whole would only cost memory.
+MAX_FILE_BYTES = 1 << 20
 
 CAPrivateKey = ec.EllipticCurvePrivateKey
 
@@ -61,10 +75,13 @@ class CertificateAuthority:
     ) -> CertificateAuthority:
         """Make a new root and intermediate in ``directory`` (made 0700).
 
-        Refuses to touch a directory that already holds any CA file.
+        Refuses to touch a directory that already holds any CA file, and
+        a name or lifetime that would make an unusable CA.
         """
+        check_name(name)
+        check_days(days)
         directory = Path(directory)
-        existing = [f for f in CA_FILES if (directory / f).exists()]
+        existing = [f for f in CA_FILES if os.path.lexists(directory / f)]
         if existing:
             raise CAError(f"{directory} already holds a CA ({existing[0]})")
 
@@ -117,8 +134,11 @@ class CertificateAuthority:
         """
         if not csr.is_signature_valid:
             raise CAError(f"CSR for {_describe(csr.subject)}: bad signature")
+        if not_after is None:
+            check_days(days)
 
         now = _now()
+        self._check_current(now)
         builder = _leaf_builder(
             subject=csr.subject,
             public_key=csr.public_key(),
@@ -138,9 +158,11 @@ class CertificateAuthority:
         """A serverAuth certificate and its new P-256 key, for a broker."""
         if not hostnames_and_ips:
             raise CAError("a server certificate needs at least one name")
+        check_days(days)
 
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
+        self._check_current(now)
         builder = _leaf_builder(
             subject=_name(hostnames_and_ips[0]),
             public_key=key.public_key(),
@@ -213,19 +235,26 @@ class CertificateAuthority:
         return cls(directory, root, root_key, intermediate, intermediate_key)
 
     def _save(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
+        files = [
+            (ROOT_KEY, key_pem(self._root_key), 0o600),
+            (INTERMEDIATE_KEY, key_pem(self._intermediate_key), 0o600),
+            (ROOT_CERT, chain_pem([self.root]), 0o644),
+            (INTERMEDIATE_CERT, chain_pem([self.intermediate]), 0o644),
+        ]
+        _make_private_dir(self.directory)
 
-        _write_new(self.directory / ROOT_KEY, key_pem(self._root_key), 0o600)
-        _write_new(
-            self.directory / INTERMEDIATE_KEY,
-            key_pem(self._intermediate_key),
-            0o600,
-        )
-        _write_new(self.root_path, chain_pem([self.root]), 0o644)
-        _write_new(
-            self.intermediate_path, chain_pem([self.intermediate]), 0o644
-        )
+        # Half a CA would make the next 'ca init' refuse the directory,
+        # so what this call wrote goes again if a write fails.
+        written: list[Path] = []
+        try:
+            for file_name, data, mode in files:
+                path = self.directory / file_name
+                _write_new(path, data, mode)
+                written.append(path)
+        except OSError as exc:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise CAError(f"{exc.filename}: {exc.strerror or exc}") from None
 
     def _check_pairs(self) -> None:
         pairs = [
@@ -237,6 +266,15 @@ class CertificateAuthority:
                 raise CAError(
                     f"{self.directory / file_name} does not match its key"
                 )
+
+    def _check_current(self, now: datetime.datetime) -> None:
+        # What an expired intermediate signs, no verifier accepts.
+        expiry = self.intermediate.not_valid_after_utc
+        if now >= expiry:
+            raise CAError(
+                f"{self.intermediate_path}: the CA expired on "
+                f"{expiry:%Y-%m-%d %H:%M} UTC"
+            )
 
     def _issue(self, builder: x509.CertificateBuilder) -> x509.Certificate:
         cert = (
@@ -259,6 +297,60 @@ class CertificateAuthority:
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
             ski
         )
+
+
+def check_name(name: str) -> str:
+    """The CA name unchanged if certificates can carry it; CAError if not."""
+    if not name.strip():
+        raise CAError("a CA name must not be empty")
+    if not name.isprintable():
+        raise CAError(f"CA name {name!r} holds a control character")
+
+    longest = MAX_NAME_BYTES - len(_INTERMEDIATE_SUFFIX)
+    size = len(name.encode())
+    if size > longest:
+        raise CAError(
+            f"a CA name of {size} bytes is too long: '<name>"
+            f"{_INTERMEDIATE_SUFFIX}' must fit the {MAX_NAME_BYTES} bytes "
+            f"of a common name, so {longest} at most"
+        )
+    return name
+
+
+def check_days(days: int) -> int:
+    """The lifetime unchanged if it is 1 to MAX_DAYS days; CAError if not."""
+    if not 1 <= days <= MAX_DAYS:
+        raise CAError(
+            f"a lifetime of {days} days is outside 1-{MAX_DAYS}: "
+            "a certificate must be valid from the day it is made"
+        )
+    return days
+
+
+def read_small_file(path: Path, what: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES.
+
+    Refuses a FIFO or a device, whose reading would block or not end,
+    and names the file in every refusal. A missing file raises
+    FileNotFoundError, for the caller to say what should have made it.
+    """
+    try:
+        with open(path, "rb", opener=_open_nonblocking) as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise CAError(f"{path}: not a regular file")
+            if info.st_size > MAX_FILE_BYTES:
+                raise CAError(f"{path}: too large for {what}")
+            return file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    # Opening a FIFO for reading waits for a writer unless non-blocking.
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def chain_pem(certs: Iterable[x509.Certificate]) -> bytes:
@@ -412,7 +504,9 @@ def _now() -> datetime.datetime:
 
 def _read_cert(path: Path) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
+        return x509.load_pem_x509_certificate(
+            read_small_file(path, "a certificate")
+        )
     except FileNotFoundError:
         raise CAError(f"{path}: no such file; run 'ca init' first") from None
     except ValueError as exc:
@@ -421,7 +515,9 @@ def _read_cert(path: Path) -> x509.Certificate:
 
 def _read_key(path: Path) -> CAPrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), None)
+        key = serialization.load_pem_private_key(
+            read_small_file(path, "a key"), None
+        )
     except FileNotFoundError:
         raise CAError(f"{path}: no such file; run 'ca init' first") from None
     except (ValueError, TypeError) as exc:
@@ -430,6 +526,22 @@ def _read_key(path: Path) -> CAPrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CAError(f"{path}: not an EC key")
     return key
+
+
+def _make_private_dir(directory: Path) -> None:
+    """Make ``directory`` 0700 if it is missing; leave one that exists.
+
+    A directory that exists belongs to whoever made it, maybe a home or a
+    shared one; the keys inside are 0600 whatever its mode.
+    """
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not directory.is_dir():
+            raise CAError(f"{directory}: not a directory") from None
+    except OSError as exc:
+        where = exc.filename or directory
+        raise CAError(f"{where}: {exc.strerror or exc}") from None
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

@@ -1,28 +1,95 @@
-"""The ``firmware-sim ca`` commands: create the factory CA, sign CSRs."""
+"""The ``firmware-sim ca`` commands: create the factory CA, sign CSRs.
+
+The option types and checks that the other ``firmware-sim`` commands
+share (paths, CA names) live here too, next to the CA they protect.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 from cryptography import x509
 
-from firmware_sim.ca import CertificateAuthority, chain_pem
+from firmware_sim.ca import (
+    CA_FILES,
+    MAX_DAYS,
+    CertificateAuthority,
+    chain_pem,
+    check_name,
+    read_small_file,
+)
 from firmware_sim.errors import CAError
 
 logger = logging.getLogger(__name__)
 
+
+class NonEmptyPath(click.Path):
+    """A click.Path that refuses "", which would mean the working dir."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: Any
+    ) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must not be empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class RegularFile(NonEmptyPath):
+    """A regular file that exists: not a FIFO or a device that blocks."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, dir_okay=False, exists=True)
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: Any
+    ) -> Any:
+        path = super().convert(value, param, ctx)
+        if not Path(path).is_file():
+            self.fail(f"{path} is not a regular file", param, ctx)
+        return path
+
+
+class DirectoryPath(NonEmptyPath):
+    """A directory that exists or could be made: no file on its path."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, file_okay=False)
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: Any
+    ) -> Any:
+        path = super().convert(value, param, ctx)
+        blocker = _file_on_path(Path(path))
+        if blocker is not None:
+            self.fail(f"{blocker} is not a directory", param, ctx)
+        return path
+
+
+def ca_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Click callback: a CA name that fits the certificates made with it."""
+    try:
+        return check_name(value)
+    except CAError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 _CA_DIR = click.option(
     "--dir",
     "directory",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DirectoryPath(),
     default=Path("ca"),
     show_default=True,
     envvar="FIRMWARE_SIM_CA_DIR",
     help="Directory of the CA's certificates and keys.",
 )
+_DAYS = click.IntRange(1, MAX_DAYS)
 
 
 @click.group()
@@ -32,8 +99,10 @@ def ca() -> None:
 
 @ca.command()
 @_CA_DIR
-@click.option("--name", default="Device Factory", show_default=True)
-@click.option("--days", default=3650, show_default=True)
+@click.option(
+    "--name", default="Device Factory", show_default=True, callback=ca_name
+)
+@click.option("--days", type=_DAYS, default=3650, show_default=True)
 def init(directory: Path, name: str, days: int) -> None:
     """Create a new CA; refuses a directory that already holds one."""
     authority = CertificateAuthority.create(directory, name, days)
@@ -41,17 +110,19 @@ def init(directory: Path, name: str, days: int) -> None:
 
 
 @ca.command()
-@click.argument("csr_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("csr_file", type=NonEmptyPath(path_type=Path, dir_okay=False))
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=NonEmptyPath(path_type=Path, dir_okay=False),
     required=True,
     help="Where to write the leaf and the intermediate, as PEM.",
 )
-@click.option("--days", default=365, show_default=True)
+@click.option("--days", type=_DAYS, default=365, show_default=True)
 @_CA_DIR
 def sign(csr_file: Path, out: Path, days: int, directory: Path) -> None:
     """Sign a CSR (PEM or DER) as a client certificate."""
+    _check_out(out, csr_file, directory)
+
     authority = CertificateAuthority.load(directory)
     chain = authority.sign_csr(_read_csr(csr_file), days)
     _write_replacing(out, chain_pem(chain))
@@ -60,9 +131,9 @@ def sign(csr_file: Path, out: Path, days: int, directory: Path) -> None:
 
 def _read_csr(path: Path) -> x509.CertificateSigningRequest:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CAError(f"{path}: {exc.strerror}") from None
+        data = read_small_file(path, "a CSR")
+    except FileNotFoundError:
+        raise CAError(f"{path}: no such file") from None
 
     try:
         if b"-----BEGIN" in data:
@@ -72,8 +143,68 @@ def _read_csr(path: Path) -> x509.CertificateSigningRequest:
         raise CAError(f"{path}: not a PEM or DER CSR") from None
 
 
+def _check_out(out: Path, csr_file: Path, directory: Path) -> None:
+    """Refuse an --out that cannot be written or must not be replaced."""
+
+    def refuse(problem: str) -> click.BadParameter:
+        return click.BadParameter(problem, param_hint="--out")
+
+    parent = out.parent
+    if not os.path.lexists(parent):
+        raise refuse(f"{parent}: no such directory")
+    if not parent.is_dir():
+        raise refuse(f"{parent} is not a directory")
+
+    try:
+        info = out.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise refuse(f"{out}: {exc.strerror}") from None
+
+    # Only a file of our own kind is replaced: a device, a FIFO or a
+    # symlink stays what it is.
+    if not stat.S_ISREG(info.st_mode):
+        raise refuse(f"{out} is not a regular file; it is left alone")
+    if _same_file(out, csr_file):
+        raise refuse(f"{out} is the CSR file; the chain would replace it")
+    for name in CA_FILES:
+        if _same_file(out, directory / name):
+            raise refuse(f"{out} is the CA's {name}; it is left alone")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _file_on_path(path: Path) -> Path | None:
+    """The first thing on the way to ``path`` that is not a directory."""
+    for step in reversed([path, *path.parents]):
+        if os.path.lexists(step) and not step.is_dir():
+            return step
+    return None
+
+
 def _write_replacing(path: Path, data: bytes) -> None:
     # Readers see the old chain or the new one, never half of either.
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    # mkstemp makes a new file of its own, so nothing it meets on the
+    # way is written through.
+    try:
+        fd, partial = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".partial", dir=path.parent
+        )
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            os.fchmod(file.fileno(), 0o644)
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise CAError(f"{path}: {exc.strerror or exc}") from None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -10,6 +13,9 @@ from types import FrameType
 
 import click
 
+from firmware_sim.ca import CA_FILES, MAX_DAYS
+from firmware_sim.cli_ca import DirectoryPath, RegularFile, ca_name
+from firmware_sim.errors import SimError
 from firmware_sim.registrar import Layout, Registrar, prepare
 from firmware_sim.registry import (
     DECOMMISSIONED,
@@ -24,13 +30,39 @@ logger = logging.getLogger(__name__)
 _DIR = click.option(
     "--dir",
     "directory",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DirectoryPath(),
     default=Path("registrar"),
     show_default=True,
     envvar="FIRMWARE_SIM_REGISTRAR_DIR",
     help="Directory of the operational CA, credential and registry.",
 )
-_SECONDS = click.IntRange(min=1)
+
+# Lifetimes and backdating stop where the CA's days do: beyond them lie
+# typing mistakes and dates X.509 cannot express.
+MAX_SECONDS = MAX_DAYS * 86400
+_SECONDS = click.IntRange(1, MAX_SECONDS)
+
+# X.520 bounds a serialNumber attribute at 64 characters.
+MAX_SERIAL = 64
+
+# One label of a DNS name, as IDNA encodes it.
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _serial(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    if value is None:
+        return None
+    if not value.strip():
+        problem = "must not be empty; leave the option out instead"
+    elif not value.isprintable():
+        problem = f"{value!r} holds a control character"
+    elif len(value) > MAX_SERIAL:
+        problem = f"{len(value)} characters; at most {MAX_SERIAL} fit"
+    else:
+        return value
+    raise click.BadParameter(problem, ctx, param)
 
 
 @click.group()
@@ -40,13 +72,23 @@ def registrar() -> None:
 
 @registrar.command()
 @_DIR
-@click.option("--name", default="Device Operations", show_default=True)
+@click.option(
+    "--name",
+    default="Device Operations",
+    show_default=True,
+    callback=ca_name,
+)
 def init(directory: Path, name: str) -> None:
     """Create the operational CA, registrar credential and registry.
 
     Whatever exists already is kept, so running it again is harmless.
     """
-    layout = prepare(directory, ca_name=name)
+    _check_kept_files(Layout(directory))
+    try:
+        layout = prepare(directory, ca_name=name)
+    except OSError as exc:
+        where = exc.filename or directory
+        raise SimError(f"{where}: {exc.strerror or exc}") from None
     click.echo(f"operational trust anchor: {layout.root_path}")
     click.echo(f"registrar credential: {layout.chain_path}")
     click.echo(f"registry: {layout.registry_path}")
@@ -62,7 +104,7 @@ def init(directory: Path, name: str) -> None:
 )
 @click.option(
     "--ca-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=RegularFile(),
     required=True,
     help="Trust anchor of the broker's certificate.",
 )
@@ -75,7 +117,7 @@ def init(directory: Path, name: str) -> None:
 )
 @click.option(
     "--backdate",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, MAX_SECONDS),
     default=0,
     show_default=True,
     help="Seconds notBefore lies in the past.",
@@ -132,7 +174,11 @@ def run(
 
 @registrar.command()
 @click.argument("device_id")
-@click.option("--serial", help="The board's serial number.")
+@click.option(
+    "--serial",
+    callback=_serial,
+    help="The board's serial number.",
+)
 @_DIR
 def add(device_id: str, serial: str | None, directory: Path) -> None:
     """Register a device so that the registrar serves it."""
@@ -184,6 +230,21 @@ def _device_line(device: Device, issued: list[Issuance]) -> str:
     return line
 
 
+def _check_kept_files(layout: Layout) -> None:
+    """Refuse a layout whose files are not files, before making any."""
+    paths = [
+        layout.registry_path,
+        layout.chain_path,
+        layout.key_path,
+        *(layout.ca_dir / name for name in CA_FILES),
+    ]
+    for path in paths:
+        # A directory or a device in the place of a file would fail only
+        # after part of the layout was made.
+        if os.path.lexists(path) and not path.is_file():
+            raise SimError(f"{path} is not a regular file")
+
+
 def _registry(directory: Path) -> Registry:
     layout = Layout(directory)
     layout.check()
@@ -192,8 +253,33 @@ def _registry(directory: Path) -> Registry:
 
 def _host_port(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    # isdigit() alone would take digits of other scripts, such as "٣".
+    digits = port.isascii() and port.isdigit()
+    if not host or not digits or not 0 < int(port) < 65536:
         raise click.BadParameter(
             f"{value!r} is not HOST:PORT", param_hint="--broker"
         )
+    if not _is_host(host):
+        raise click.BadParameter(
+            f"{host!r} is not a host name or IP address",
+            param_hint="--broker",
+        )
     return host, int(port)
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = name.removesuffix(".").split(".")
+    return len(name) <= 253 and all(_LABEL.fullmatch(x) for x in labels)

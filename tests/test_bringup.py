@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import subprocess
 import sys
 import textwrap
@@ -342,3 +343,81 @@ def test_auto_uses_software_and_says_so(tmp_path, factory_ca):
     result = device.run("keygen")
     assert "NOT hardware-protected" in result.out
     assert "software store" in result.err
+
+
+def test_auto_keeps_using_the_tpm_once_a_key_is_there(tpm_device, factory_ca):
+    device = tpm_device
+    device.init(8883, factory_ca.root_path, "--key-store", "auto")
+    device.run("keygen")
+    line = one_line_error(
+        device.run(
+            "--set", "tcti=swtpm:host=127.0.0.1,port=1",
+            "keygen", "--force", check=False,
+        )
+    )  # fmt: skip
+    assert "TPM" in line
+    assert len(list(device.state.glob("idevid/generations/*"))) == 1
+
+
+def test_connect_without_the_tpm_names_the_tpm(
+    tpm_device, factory_ca, broker_factory
+):
+    broker = broker_factory()
+    tpm_device.init(broker.port, factory_ca.root_path)
+    tpm_device.enroll(factory_ca)
+    tpm_device.swtpm.stop()
+    line = one_line_error(tpm_device.run("connect", check=False))
+    assert "TPM" in line
+    assert "provider" not in line
+
+
+def test_a_refused_publish_is_reported(device, factory_ca, broker_factory):
+    broker = broker_factory()
+    device.init(broker.port, factory_ca.root_path)
+    device.enroll(factory_ca)
+    result = device.run(
+        "connect", "--publish", "devices/someone-else/cmd", "x", check=False
+    )
+    assert "Not authorized" in one_line_error(result)
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_a_revoked_device_is_told_why(
+    device, factory_ca, broker_factory, tmp_path, tls
+):
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(factory_ca.crl())
+    broker = broker_factory(crl_file=crl)
+    device.init(broker.port, factory_ca.root_path)
+    device.enroll(factory_ca)
+    assert device.run("connect").returncode == 0
+
+    report = json.loads(device.run("status", "--json").out)
+    serial = int(report["identities"]["idevid"]["certificate"]["serial"], 16)
+    crl.write_bytes(factory_ca.crl([serial]))
+    broker.reload()
+    line = one_line_error(
+        device.run("connect", "--tls-max-version", tls, check=False)
+    )
+    assert "revoked" in line
+
+
+def test_an_install_interrupted_after_writing_the_chain_can_be_finished(
+    device, factory_ca
+):
+    """A crash between writing chain.pem and moving "current" is mended
+    by installing the same chain again."""
+    from device_agent.store import CredentialStore
+
+    device.init(8883, factory_ca.root_path)
+    device.run("keygen")
+    chain_pem_bytes = chain_pem(factory_ca.sign_csr(device.csr()))
+    store = CredentialStore(device.state)
+    store.stage(store.pending(), chain_pem_bytes)  # then the power went
+
+    path = device.dir / "chain.pem"
+    path.write_bytes(chain_pem_bytes)
+    device.run("install-chain", str(path))
+    report = device.run("status", "--json").out
+    assert '"pending_generation": null' in report
+    assert '"state": "valid"' in report

@@ -1,5 +1,6 @@
 """Every bad command line gets one line on stderr and a non-zero exit."""
 
+import os
 import subprocess
 import sys
 
@@ -161,3 +162,98 @@ def test_as_a_separate_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_csr_out_never_replaces_special_files(capsys, config, tmp_path):
+    assert run(capsys, "--config", str(config), "keygen")[0] == 0
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = tmp_path / "real.csr"
+    target.write_text("keep me")
+    link = tmp_path / "link.csr"
+    link.symlink_to(target)
+    for out in (str(fifo), str(link), "/dev/null", ""):
+        code, _, err = run(
+            capsys, "--config", str(config), "csr", "--out", out
+        )
+        assert_one_line(code, err)
+    assert fifo.is_fifo()
+    assert link.is_symlink()
+    assert target.read_text() == "keep me"
+
+
+def test_install_chain_from_a_fifo_does_not_hang(capsys, config, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run(
+        capsys, "--config", str(config), "install-chain", str(fifo)
+    )
+    assert_one_line(code, err)
+    assert "not a regular file" in err
+
+
+def test_shared_state_dir_is_refused_not_tightened(
+    capsys, tmp_path, factory_ca
+):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    code, _, err = run(
+        capsys, "--config", str(tmp_path / "a.toml"), "init",
+        "--device-id", "d", "--broker", "h", "--ca-file",
+        str(factory_ca.root_path), "--state-dir", str(shared),
+    )  # fmt: skip
+    assert_one_line(code, err)
+    assert "open to group or others" in err
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    assert not (tmp_path / "a.toml").exists()
+
+
+def test_empty_state_dir_is_refused(capsys, tmp_path, factory_ca):
+    code, _, err = run(
+        capsys, "--config", str(tmp_path / "a.toml"), "init",
+        "--device-id", "d", "--broker", "h", "--ca-file",
+        str(factory_ca.root_path), "--state-dir", "",
+    )  # fmt: skip
+    assert_one_line(code, err)
+
+
+@pytest.mark.parametrize(
+    ("broker", "host", "port"),
+    [
+        ("h", "h", None),
+        ("h:1884", "h", 1884),
+        ("::1", "::1", None),
+        ("[::1]:1884", "::1", 1884),
+    ],
+)
+def test_broker_addresses(capsys, tmp_path, factory_ca, broker, host, port):
+    path = tmp_path / "a.toml"
+    code, _, err = run(
+        capsys, "--config", str(path), "init", "--device-id", "d",
+        "--broker", broker, "--ca-file", str(factory_ca.root_path),
+        "--state-dir", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert code == 0, err
+    import tomllib
+
+    written = tomllib.loads(path.read_text())
+    assert written["broker_host"] == host
+    assert written.get("broker_port") == port
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["connect", "--publish", "devices/d1/#", "x"],
+        ["connect", "--publish", "", "x"],
+        ["connect", "--subscribe", "a/#/b"],
+        ["connect", "--subscribe", "a/b+"],
+        ["connect", "--subscribe", ""],
+        ["connect", "--subscribe", "x" * 70000],
+    ],
+)
+def test_bad_topics_are_refused_before_connecting(capsys, config, argv):
+    code, _, err = run(capsys, "--config", str(config), *argv)
+    assert_one_line(code, err)
+    assert "invalid topic" in err

@@ -4,6 +4,7 @@ import ast
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import assume, given
@@ -33,7 +34,7 @@ BASES = st.floats(0.01, 100)
 MINIMUMS = st.floats(0.01, 60)
 
 
-def _valid_hint(hint: object) -> float:
+def _valid_hint(hint: Any) -> float:
     if type(hint) not in (int, float) or not hint >= 0:
         return 0.0
     return min(float(hint), policy.MAX_RETRY_AFTER)
@@ -201,7 +202,7 @@ def _delay(
     base: float,
     spread: float,
     unit: float,
-    hint: object,
+    hint: Any,
     minimum: float,
 ) -> float:
     now, not_after, lifetime = clock
@@ -233,7 +234,7 @@ def test_a_retry_never_waits_less_than_the_minimum(
     not_after: float,
     lifetime: float,
     unit: float,
-    hint: object,
+    hint: Any,
     minimum: float,
 ) -> None:
     delay = retry_delay(
@@ -255,7 +256,7 @@ def test_a_failure_never_pushes_the_next_attempt_past_expiry(
     base: float,
     spread: float,
     unit: float,
-    hint: object,
+    hint: Any,
     minimum: float,
 ) -> None:
     now, not_after, _ = clock
@@ -271,7 +272,7 @@ def test_a_later_attempt_never_waits_less(
     base: float,
     spread: float,
     unit: float,
-    hint: object,
+    hint: Any,
     minimum: float,
 ) -> None:
     this = _delay(attempt, clock, base, spread, unit, hint, minimum)
@@ -286,7 +287,7 @@ def test_retry_after_is_honoured_unless_expiry_cuts_it(
     base: float,
     spread: float,
     unit: float,
-    hint: object,
+    hint: Any,
     minimum: float,
 ) -> None:
     delay = _delay(attempt, clock, base, spread, unit, hint, minimum)
@@ -325,7 +326,7 @@ def test_an_expired_certificate_gets_the_plain_backoff(
     base: float,
     spread: float,
     unit: float,
-    hint: object,
+    hint: Any,
     minimum: float,
     never_expires: bool,
 ) -> None:
@@ -340,7 +341,7 @@ def test_an_expired_certificate_gets_the_plain_backoff(
 @pytest.mark.parametrize(
     "hint", [None, math.nan, -1, -INF, True, False, "60", [60]]
 )
-def test_a_retry_after_that_is_not_seconds_is_ignored(hint: object) -> None:
+def test_a_retry_after_that_is_not_seconds_is_ignored(hint: Any) -> None:
     plain = retry_delay(4, 0.0, 1e9, 2e9)
     assert retry_delay(4, 0.0, 1e9, 2e9, retry_after=hint) == plain
 
@@ -494,7 +495,7 @@ def test_rounding_never_lands_a_retry_on_expiry() -> None:
 def test_retry_delay_refuses_nonsense(
     arguments: dict[str, float], error: type[Exception]
 ) -> None:
-    call: dict[str, float] = {
+    call: dict[str, Any] = {
         "attempt": 0,
         "now": 0.0,
         "not_after": 100.0,

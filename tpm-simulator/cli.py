@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,15 +14,48 @@ from typing import Any
 import click
 
 from device_agent.cli import edge
-from device_agent.errors import AgentError
+from tpm_simulator.errors import SimulatorError
 from tpm_simulator.ports import free_port_pair
-from tpm_simulator.swtpm import Swtpm
+from tpm_simulator.swtpm import HIGHEST_PORT, Swtpm, remembered_port
 
 logger = logging.getLogger(__name__)
 
+# Long enough for the slowest machine, short enough to notice a typo.
+MAX_TIMEOUT = 3600.0
+
+
+class _StateDir(click.Path):
+    """A directory path that is not empty: "" would mean the cwd."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: Any
+    ) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must not be empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _Seconds(click.FloatRange):
+    """A positive, finite number of seconds."""
+
+    name = "number of seconds"
+
+    def __init__(self) -> None:
+        super().__init__(0, MAX_TIMEOUT, min_open=True)
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: Any
+    ) -> Any:
+        seconds = super().convert(value, param, ctx)
+        # NaN passes every range comparison, so it is refused by name.
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
 _STATE_DIR = click.option(
     "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=_StateDir(path_type=Path, file_okay=False),
     required=True,
     help="Directory holding the TPM state, pid, port and log files.",
 )
@@ -35,17 +70,27 @@ def main(ctx: click.Context, debug: bool) -> None:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not debug:
+        # The TSS libraries print their own errors to stderr; a failed
+        # flush is reported here, in one line.
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 
 @main.command()
 @_STATE_DIR
 @click.option(
     "--port",
-    type=click.IntRange(1, 65534),
+    type=click.IntRange(1, HIGHEST_PORT),
     help="TPM port; the control channel takes the next one. "
     "Default: the port used last in this state dir, else a free one.",
 )
-@click.option("--timeout", default=5.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=_Seconds(),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for swtpm to answer.",
+)
 def start(state_dir: Path, port: int | None, timeout: float) -> None:
     """Start swtpm and print its TCTI string."""
     tpm = Swtpm(state_dir, port or _remembered_port(state_dir))
@@ -81,15 +126,15 @@ def status(state_dir: Path, as_json: bool) -> None:
 @_STATE_DIR
 def flush(state_dir: Path) -> None:
     """Flush every transient object (keys left by killed clients)."""
-    count = Swtpm.from_state_dir(state_dir).flush()
-    click.echo(f"flushed {count}")
+    tpm = Swtpm.from_state_dir(state_dir)
+    if not tpm.running:
+        raise SimulatorError(f"no swtpm runs for {tpm.state_dir}")
+    click.echo(f"flushed {tpm.flush()}")
 
 
 def _remembered_port(state_dir: Path) -> int:
-    try:
-        return Swtpm.from_state_dir(state_dir).port
-    except AgentError:
-        return free_port_pair()
+    port = remembered_port(state_dir)
+    return free_port_pair() if port is None else port
 
 
 def run(argv: Sequence[str] | None = None) -> Any:

@@ -38,10 +38,18 @@ _GET_RANDOM = struct.pack(">HIIH", 0x8001, 12, 0x17B, 8)
 # The control channel's CMD_GET_CAPABILITY, answered with a result code.
 _CTRL_GET_CAPABILITY = struct.pack(">I", 1)
 
+# swtpm takes a TCP port and its control channel the next one.
+LOWEST_PORT = 1
+HIGHEST_PORT = 65534
+
 _TPM2_HT_TRANSIENT = 0x80
 _PROBE_TIMEOUT = 0.5
 _POLL_INTERVAL = 0.005
 _LOG_TAIL_LINES = 5
+
+# How long a swtpm that outran the start timeout gets to finish
+# daemonizing, so that the daemon it leaves can be found and stopped.
+_DAEMONIZE_GRACE = 5.0
 
 
 class Swtpm:
@@ -59,7 +67,9 @@ class Swtpm:
         host: str = "127.0.0.1",
         log_level: int = DEFAULT_LOG_LEVEL,
     ) -> None:
-        self.state_dir = Path(state_dir)
+        # swtpm changes to / when it daemonizes, so a relative state dir
+        # would name another directory once it runs.
+        self.state_dir = Path(state_dir).absolute()
         self.port = port
         self.host = host
         self.log_level = log_level
@@ -67,16 +77,9 @@ class Swtpm:
     @classmethod
     def from_state_dir(cls, state_dir: Path, host: str = "127.0.0.1") -> Swtpm:
         """The swtpm last started in ``state_dir``, on its remembered port."""
-        port_path = Path(state_dir) / PORT_FILE
-        try:
-            port = int(port_path.read_text().strip())
-        except FileNotFoundError:
-            raise SimulatorError(
-                f"no swtpm was started in {state_dir}"
-            ) from None
-        except ValueError:
-            raise SimulatorError(f"{port_path} holds no port") from None
-
+        port = remembered_port(state_dir)
+        if port is None:
+            raise SimulatorError(f"no swtpm was started in {state_dir}")
         return cls(state_dir, port, host)
 
     @property
@@ -104,9 +107,9 @@ class Swtpm:
         """The pid of the running swtpm of this state dir, if there is one."""
         try:
             pid = int(self.pid_path.read_text().strip())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return None
-        return pid if _is_swtpm(pid) else None
+        return pid if pid > 0 and _is_swtpm(pid) else None
 
     @property
     def running(self) -> bool:
@@ -119,12 +122,23 @@ class Swtpm:
             raise SimulatorError(
                 f"swtpm already runs for {self.state_dir} (pid {pid})"
             )
+        if "," in str(self.state_dir):
+            # swtpm splits its options at commas and has no way to quote.
+            raise SimulatorError(
+                f"{self.state_dir}: swtpm cannot use a path with a comma"
+            )
         if not self._ports_free():
             raise PortInUseError(self.port, "swtpm")
 
         self._prepare_state_dir()
         self._daemonize(timeout)
-        self._wait_ready(timeout)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            # Also on Ctrl-C or SIGTERM: a daemon nobody waits for would
+            # hold its ports until someone finds and kills it.
+            self.stop()
+            raise
         logger.info(
             "swtpm started: pid %s, port %d, state %s",
             self.pid,
@@ -240,35 +254,54 @@ class Swtpm:
         ]
 
     def _prepare_state_dir(self) -> None:
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-        # A pid file left by a killed swtpm names a pid that may be reused.
-        self.pid_path.unlink(missing_ok=True)
-        self.port_path.write_text(f"{self.port}\n")
+            # A pid file left by a killed swtpm names a pid that may be
+            # reused.
+            self.pid_path.unlink(missing_ok=True)
+            _write_replacing(self.port_path, f"{self.port}\n")
+        except OSError as exc:
+            where = exc.filename or self.state_dir
+            raise SimulatorError(f"{where}: {exc.strerror or exc}") from None
 
     def _daemonize(self, timeout: float) -> None:
         # With --daemon swtpm binds its sockets and writes its pid file
         # before the parent exits, so a port in use shows as a failed
         # start, and no process of ours is left to reap. The daemon runs
         # in its own session, out of reach of the starting terminal.
+        process = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
-            done = subprocess.run(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise self._start_failure(
-                f"did not daemonize in {timeout:g} s"
-            ) from None
+            _, stderr = process.communicate(timeout=timeout)
+        except BaseException as exc:
+            self._abandon(process)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise self._start_failure(
+                    f"did not daemonize in {timeout:g} s"
+                ) from None
+            raise
 
-        if done.returncode != 0:
-            stderr = done.stderr.decode(errors="replace").strip()
+        if process.returncode != 0:
+            text = stderr.decode(errors="replace").strip()
             raise self._start_failure(
-                f"exited with {done.returncode} {stderr}".rstrip()
+                f"exited with {process.returncode} {text}".rstrip()
             )
+
+    def _abandon(self, process: subprocess.Popen[bytes]) -> None:
+        """Reap a swtpm that did not daemonize in time, and its daemon."""
+        # The parent exits only once the daemon has written its pid file,
+        # so after the wait a daemon that exists can be found and stopped.
+        try:
+            process.communicate(timeout=_DAEMONIZE_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        self.stop()
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -284,8 +317,9 @@ class Swtpm:
         if not self._ports_free():
             return PortInUseError(self.port, "swtpm")
 
+        message = f"swtpm on port {self.port} {what}"
         tail = self.log_tail().replace("\n", " | ")
-        return SimulatorError(f"swtpm on port {self.port} {what}: {tail}")
+        return SimulatorError(f"{message}: {tail}" if tail else message)
 
     def _ports_free(self) -> bool:
         return port_is_free(self.port, self.host) and port_is_free(
@@ -299,6 +333,45 @@ class Swtpm:
                 yield ectx
         except TSS2_Exception as exc:
             raise SimulatorError(f"swtpm on port {self.port}: {exc}") from exc
+
+
+def remembered_port(state_dir: Path) -> int | None:
+    """The port swtpm last used in ``state_dir``; None if it never ran.
+
+    A port file that cannot be read or holds no usable port is an error
+    that names the file, not a reason to pick another port.
+    """
+    path = Path(state_dir) / PORT_FILE
+    if not os.path.lexists(path):
+        return None
+
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError as exc:
+        raise SimulatorError(f"{path}: {exc.strerror or exc}") from None
+
+    if not (text.isascii() and text.isdigit()):
+        raise SimulatorError(f"{path} holds no port")
+    port = int(text)
+    if not LOWEST_PORT <= port <= HIGHEST_PORT:
+        raise SimulatorError(
+            f"{path} holds port {port}, outside {LOWEST_PORT}-{HIGHEST_PORT}"
+        )
+    return port
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    # A new file renamed over the old one replaces a symlink rather than
+    # writing through it.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        # A failed rename names the partial file; the user knows the other.
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _tpm_exchange(host: str, port: int, timeout: float) -> int:

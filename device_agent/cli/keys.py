@@ -41,21 +41,38 @@ def keygen(app: App, force: bool) -> None:
 @click.command()
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     help="Write the CSR here instead of to stdout.",
 )
 @pass_app
-def csr(app: App, out: Path | None) -> None:
+def csr(app: App, out: str | None) -> None:
     """Print a CSR signed by the device key."""
+    target = _output_path(out) if out is not None else None
     pem = credential.make_csr(app.settings())
-    if out is None:
+    if target is None:
         sys.stdout.write(pem.decode())
         return
     try:
-        write_atomic(out, pem, mode=0o644)
+        write_atomic(target, pem, mode=0o644)
     except OSError as exc:
-        raise CSRError(f"{out}: {exc.strerror or exc}") from None
-    click.echo(f"wrote {out}", err=True)
+        raise CSRError(f"{target}: {exc.strerror or exc}") from None
+    click.echo(f"wrote {target}", err=True)
+
+
+def _output_path(out: str) -> Path:
+    """A path we may replace with a new regular file.
+
+    Devices, pipes and links are refused: replacing them with a file
+    would break whatever they were for.
+    """
+    if not out.strip():
+        raise click.BadParameter("must not be empty", param_hint="--out")
+    path = Path(out)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CSRError(f"{path}: not a regular file; refusing to replace it")
+    if not path.parent.is_dir():
+        raise CSRError(f"{path.parent}: no such directory")
+    return path
 
 
 COMMANDS = [keygen, csr]

@@ -85,12 +85,12 @@ def retry_delay(
     ``minimum``. Before expiry it is cut short so the next attempt comes
     before notAfter: until the last tenth of the lifetime a wait may reach
     a third of the way into that tenth, and inside it each wait leaves two
-    thirds of the time that remains, so that from a failure with more than
-    three ``minimum`` left at least three more attempts come before expiry.
-    The cut wins over ``retry_after``. Once expired, or with an infinite
-    ``not_after``, the backoff applies alone: the agent then enrolls
-    with its factory identity. A ``retry_after`` that is not a number of
-    seconds (None, NaN, negative) is ignored.
+    thirds of the time that remains, so that after a failure in the last
+    tenth with more than three ``minimum`` left, at least three more
+    attempts come before expiry. The cut wins over ``retry_after``. Once
+    expired, or with an infinite ``not_after``, the backoff applies alone:
+    the agent then enrolls with its factory identity. A ``retry_after``
+    that is not a number of seconds (None, NaN, negative) is ignored.
     """
     if type(attempt) is not int:
         raise TypeError("attempt must be an int")
