@@ -14,10 +14,28 @@ import click
 
 from firmware_sim.cli_ca import DirectoryPath
 from firmware_sim.demo import Demo, workspace
+from firmware_sim.errors import SimError
 from firmware_sim.registry import RegistryError, check_device_id
 
 # Signals that end the demo the way Ctrl-C does, stopping what it started.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class DemoStoppedError(SimError):
+    """A signal ended the demo; it exits as the signal would have."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class _StopSignal(BaseException):
+    """Raised by a stop signal; like KeyboardInterrupt, no Exception."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _device_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -54,15 +72,18 @@ def demo(key_store: str, device_id: str, keep: Path | None) -> None:
     """
     if keep is not None and os.path.lexists(keep):
         raise click.BadParameter(f"{keep} exists already", param_hint="--keep")
-    with _stopped_by_signals(), workspace(keep) as directory:
-        Demo(directory, click.echo, key_store, device_id).run()
+    try:
+        with _stopped_by_signals(), workspace(keep) as directory:
+            Demo(directory, click.echo, key_store, device_id).run()
+    except _StopSignal as stop:
+        raise DemoStoppedError(stop.signum) from None
     if keep is not None:
         click.echo(f"files kept in {keep}")
 
 
 @contextlib.contextmanager
 def _stopped_by_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into KeyboardInterrupt while inside.
+    """Turn SIGTERM and SIGHUP into an exception while inside.
 
     Without this, such a signal ends the process at once and leaves
     swtpm, mosquitto and the demo's directories behind; as an exception
@@ -74,7 +95,7 @@ def _stopped_by_signals() -> Iterator[None]:
         # short, so the rest are ignored until it is done.
         for number in previous:
             signal.signal(number, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        raise _StopSignal(signum)
 
     # A signal ignored on purpose, as nohup does with SIGHUP, stays so.
     previous: dict[signal.Signals, Any] = {}

@@ -87,8 +87,9 @@ def world_identity(make_identity, registrar_world):
 def test_daemon_renews_with_a_new_tpm_key_each_time_without_a_gap(
     tmp_path, registrar_world, swtpm, heartbeat_listener
 ):
+    """30-second certificates, renewed at half their life, three times."""
     world = registrar_world
-    world.start_registrar(lifetime=6)
+    world.start_registrar(lifetime=30)
     device = bring_up(tmp_path, world, swtpm.tcti)
     idevid_before = device.snapshot("idevid")
 
@@ -96,7 +97,7 @@ def test_daemon_renews_with_a_new_tpm_key_each_time_without_a_gap(
     try:
         wait_for(
             lambda: len(world.registry.issuances(world.device_id)) >= 4,
-            60,
+            120,
             "four operational certificates",
         )
         wait_for(
@@ -128,6 +129,11 @@ def test_daemon_renews_with_a_new_tpm_key_each_time_without_a_gap(
     assert device.snapshot("idevid") == idevid_before
     assert swtpm.transient_handles() == []
     log = world.broker.log_text()
+    generations_seen = {
+        b["generation"] for _, b in beats if b["identity"] == "ldevid"
+    }
+    for number in generations_seen:
+        assert f"as dev-1.ldevid.{number} " in log
     assert log.count("u'dev-1'") >= 5
 
 
@@ -300,3 +306,86 @@ def test_a_second_daemon_on_the_same_state_is_refused(
         assert "held by another" in one_line_error(second)
     finally:
         stop(agent)
+
+
+def test_daemon_tells_systemd_and_runs_the_hook(tmp_path, registrar_world):
+    import socket
+
+    world = registrar_world
+    world.start_registrar(lifetime=300)
+    record = tmp_path / "hook.txt"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(
+        f'#!/bin/sh\necho "$DEVICE_AGENT_SERIAL $DEVICE_AGENT_DEVICE_ID" '
+        f">> {record}\n"
+    )
+    hook.chmod(0o755)
+    device = bring_up(tmp_path, world, None, renewal_hook=str(hook))
+
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(20)
+    agent = device.start(
+        env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"}
+    )
+    try:
+        said = []
+        while not any("READY=1" in s for s in said) or not any(
+            "WATCHDOG=1" in s for s in said
+        ):
+            said.append(listener.recv(4096).decode())
+        wait_for(record.exists, 20, "the renewal hook")
+    finally:
+        stop(agent)
+        listener.close()
+    serial, device_id = record.read_text().split()
+    issued = world.registry.issuances(world.device_id)
+    assert serial == f"{issued[-1].cert_serial:x}"
+    assert device_id == world.device_id
+    assert any("STATUS=" in s for s in said)
+
+
+def test_only_one_renewal_at_a_time(operational):
+    from device_agent.renewal import RENEWAL_LOCK
+    from device_agent.store import CredentialStore
+
+    before = active(operational)
+    with CredentialStore(operational.state).lock(name=RENEWAL_LOCK):
+        result = operational.run("renew", "--now", check=False)
+    assert "held by another" in one_line_error(result)
+    assert active(operational) == before
+
+
+def test_a_credential_changed_by_someone_else_is_not_overwritten(
+    operational, registrar_world
+):
+    from device_agent import config, credential
+    from device_agent.enroll.mqtt import MqttEnroller
+    from device_agent.errors import RenewalError
+    from device_agent.renewal import OPERATIONAL, renew
+
+    settings = config.load(operational.config)
+    link = operational.state / "ldevid" / "current"
+    chain_file = link / "chain.pem"
+
+    class Meddling(MqttEnroller):
+        def enroll(self, csr_pem, timeout):
+            answer = super().enroll(csr_pem, timeout)
+            chain_file.write_bytes(chain_file.read_bytes() + b"\n")
+            return answer
+
+    lineage, generation = credential.best_credential(settings)
+    session = credential.open_session(settings, generation, lineage)
+    session.open()
+    try:
+        with pytest.raises(RenewalError, match="changed on disk"):
+            renew(
+                settings,
+                Meddling(session, settings.device_id),
+                lambda g: credential.open_session(settings, g, OPERATIONAL),
+            )
+    finally:
+        session.close()
+    assert chain_file.read_bytes().endswith(b"\n\n")
+    assert len(generations(operational)) == 1

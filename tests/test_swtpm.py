@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -168,13 +169,14 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def _run_cli(*args):
+def _run_cli(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "tpm_simulator", *args],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        cwd=cwd,
     )
 
 
@@ -223,3 +225,175 @@ def _alive(pid):
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("timeout", ["nan", "-1", "0", "inf", "-inf"])
+def test_cli_start_refuses_a_timeout_that_is_not_positive_and_finite(
+    tmp_path, timeout
+):
+    state = tmp_path / "tpm"
+
+    result = _run_cli("start", "--state-dir", str(state), "--timeout", timeout)
+
+    assert result.returncode == 2
+    _assert_one_line_naming(result, "--timeout")
+    assert not state.exists()
+
+
+@pytest.mark.parametrize("content", ["99999999", "-5", "garbage", "65535"])
+@pytest.mark.parametrize("command", ["start", "status", "stop", "flush"])
+def test_cli_names_a_port_file_that_holds_no_port(tmp_path, command, content):
+    port_file = tmp_path / "swtpm.port"
+    port_file.write_text(f"{content}\n")
+
+    result = _run_cli(command, "--state-dir", str(tmp_path))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "swtpm.port")
+    assert port_file.read_text() == f"{content}\n"
+    assert not (tmp_path / "swtpm.pid").exists()
+
+
+@pytest.mark.parametrize("command", ["start", "status", "stop", "flush"])
+def test_cli_names_a_port_file_that_is_a_directory(tmp_path, command):
+    (tmp_path / "swtpm.port").mkdir()
+
+    result = _run_cli(command, "--state-dir", str(tmp_path))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "swtpm.port")
+    assert (tmp_path / "swtpm.port").is_dir()
+
+
+def test_cli_start_on_a_given_port_reports_a_port_file_it_cannot_replace(
+    tmp_path,
+):
+    (tmp_path / "swtpm.port").mkdir()
+
+    result = _run_cli(
+        "start", "--state-dir", str(tmp_path), "--port", str(free_port_pair())
+    )
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "swtpm.port")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swtpm.port"]
+
+
+def test_start_replaces_a_symlinked_port_file_instead_of_its_target(
+    tmp_path,
+):
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    state = tmp_path / "tpm"
+    state.mkdir()
+    (state / "swtpm.port").symlink_to(target)
+
+    with Swtpm(state, free_port_pair()) as tpm:
+        assert (state / "swtpm.port").read_text() == f"{tpm.port}\n"
+
+    assert target.read_text() == "keep me\n"
+    assert not (state / "swtpm.port").is_symlink()
+
+
+@pytest.mark.parametrize("state_dir", ["", " "])
+@pytest.mark.parametrize("command", ["start", "status", "stop", "flush"])
+def test_cli_refuses_an_empty_state_dir(tmp_path, command, state_dir):
+    result = _run_cli(command, "--state-dir", state_dir, cwd=tmp_path)
+
+    assert result.returncode == 2
+    _assert_one_line_naming(result, "--state-dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_state_dir_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+
+    result = _run_cli("start", "--state-dir", str(tmp_path / "file" / "tpm"))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_cli_refuses_a_state_dir_with_a_comma(tmp_path):
+    state = tmp_path / "a,b"
+
+    result = _run_cli("start", "--state-dir", str(state))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "comma")
+    assert not state.exists()
+
+
+def test_cli_starts_and_stops_with_a_relative_state_dir(tmp_path):
+    """swtpm changes to / as it daemonizes; the state dir must not move."""
+    started = _run_cli("start", "--state-dir", "tpm", cwd=tmp_path)
+    try:
+        assert started.returncode == 0, started.stderr
+        status = _run_cli("status", "--state-dir", "tpm", cwd=tmp_path)
+        assert "answers: True" in status.stdout
+        assert (tmp_path / "tpm" / "swtpm.pid").exists()
+    finally:
+        stopped = _run_cli("stop", "--state-dir", "tpm", cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert _swtpm_pids(tmp_path) == []
+
+
+def test_cli_start_that_times_out_leaves_no_swtpm_running(tmp_path):
+    state = tmp_path / "tpm"
+
+    result = _run_cli("start", "--state-dir", str(state), "--timeout", "1e-6")
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "did not daemonize in 1e-06 s")
+    assert not result.stderr.rstrip().endswith(":")
+    assert _swtpm_pids(state) == []
+
+
+def test_cli_flush_of_a_stopped_swtpm_is_one_line(tmp_path):
+    with Swtpm(tmp_path / "tpm", free_port_pair()) as tpm:
+        pass
+
+    result = _run_cli("flush", "--state-dir", str(tpm.state_dir))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "no swtpm runs")
+
+
+def test_cli_flush_of_a_tpm_that_does_not_answer_shows_no_tss_noise(swtpm):
+    """The TSS libraries' own log lines stay off stderr without --debug."""
+    swtpm.port_path.write_text(f"{free_port()}\n")
+
+    result = _run_cli("flush", "--state-dir", str(swtpm.state_dir))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "swtpm on port")
+    debug = _run_cli("--debug", "flush", "--state-dir", str(swtpm.state_dir))
+    assert "tcti" in debug.stderr.lower()
+    assert "Traceback" in debug.stderr
+
+
+def _assert_one_line_naming(result, needle):
+    stderr = result.stderr
+    assert stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: ")
+    assert needle in stderr
+    assert "internal error" not in stderr
+    assert "Traceback" not in stderr
+
+
+def _swtpm_pids(directory):
+    """Pids of live swtpm processes whose command line names directory."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        is_swtpm = cmdline.split(b"\0")[0].endswith(b"swtpm")
+        mentioned = str(directory).encode() in cmdline
+        if is_swtpm and mentioned and _alive(int(proc.name)):
+            pids.append(int(proc.name))
+    return pids
