@@ -23,6 +23,7 @@ from cryptography import x509
 from device_agent import chain, credential
 from device_agent.config import Settings
 from device_agent.core import clock, policy
+from device_agent.credential import FACTORY, OPERATIONAL
 from device_agent.enroll.mqtt import MqttEnroller
 from device_agent.errors import (
     AgentError,
@@ -31,7 +32,7 @@ from device_agent.errors import (
     SessionError,
     StoreError,
 )
-from device_agent.renewal import FACTORY, OPERATIONAL, renew
+from device_agent.renewal import renew
 from device_agent.session import Session
 from device_agent.store import CredentialStore, Generation, write_atomic
 from device_agent.systemd import Notifier

@@ -26,18 +26,25 @@ logger = logging.getLogger(__name__)
 _NAMES = {NameOID.SERIAL_NUMBER: "serialNumber"}
 
 
-def open_store(settings: Settings) -> CredentialStore:
-    return CredentialStore(settings.state_dir)
+FACTORY = "idevid"
+OPERATIONAL = "ldevid"
+IDENTITIES = {"factory": FACTORY, "operational": OPERATIONAL}
 
 
-def keygen(settings: Settings, force: bool = False) -> dict[str, Any]:
+def open_store(settings: Settings, lineage: str = FACTORY) -> CredentialStore:
+    return CredentialStore(settings.state_dir, lineage)
+
+
+def keygen(
+    settings: Settings, force: bool = False, lineage: str = FACTORY
+) -> dict[str, Any]:
     """Make a key for the next certificate; the current one stays usable.
 
     Without ``force`` an existing key is never replaced. With it, the new
     key waits as "pending" and the credential in use is untouched until a
     chain for the new key is installed.
     """
-    store = open_store(settings)
+    store = open_store(settings, lineage)
     with store.lock():
         store.recover()
         existing = store.pending() or store.current()
@@ -76,7 +83,7 @@ def key_store_for_new_key(settings: Settings) -> keys.KeyStore:
     device whose keys live in a TPM keeps making them there, and a TPM
     that does not answer is an error, never a reason to use software.
     """
-    for lineage in ("ldevid", "idevid"):
+    for lineage in (OPERATIONAL, FACTORY):
         store = CredentialStore(settings.state_dir, lineage)
         for generation in (store.current(), store.pending()):
             key = generation.key_path() if generation else None
@@ -93,9 +100,9 @@ def signing_generation(store: CredentialStore) -> Generation:
     return generation
 
 
-def make_csr(settings: Settings) -> bytes:
+def make_csr(settings: Settings, lineage: str = FACTORY) -> bytes:
     """A PEM CSR signed by the pending (or current) key."""
-    generation = signing_generation(open_store(settings))
+    generation = signing_generation(open_store(settings, lineage))
     key_path = _key_path(generation)
     key_store = keys.for_key(key_path, settings)
     with key_store.signer(key_path) as signer:
@@ -107,7 +114,10 @@ def make_csr(settings: Settings) -> bytes:
 
 
 def install_chain(
-    settings: Settings, data: bytes, now: datetime.datetime | None = None
+    settings: Settings,
+    data: bytes,
+    now: datetime.datetime | None = None,
+    lineage: str = FACTORY,
 ) -> x509.Certificate:
     """Check a chain for one of our keys and make it the current one.
 
@@ -116,7 +126,7 @@ def install_chain(
     """
     anchors = chain.load_anchors(settings.require("anchor_file"))
     certificates = chain.read_bundle(data)
-    store = open_store(settings)
+    store = open_store(settings, lineage)
     with store.lock():
         target, ordered = _match_key(settings, store, certificates)
         chain.verify(ordered, anchors, settings.device_id, now)
@@ -223,8 +233,6 @@ def status(
     settings: Settings, now: datetime.datetime | None = None
 ) -> dict[str, Any]:
     """What a person or a monitor needs to know about this device."""
-    from device_agent.renewal import FACTORY, OPERATIONAL
-
     now = now or datetime.datetime.now(datetime.UTC)
     report: dict[str, Any] = {
         "device_id": settings.device_id,
@@ -329,8 +337,6 @@ def best_credential(
     settings: Settings, now: datetime.datetime | None = None
 ) -> tuple[str, Generation]:
     """The operational credential while it is valid, else the factory one."""
-    from device_agent.renewal import FACTORY, OPERATIONAL
-
     now = now or datetime.datetime.now(datetime.UTC)
     for lineage in (OPERATIONAL, FACTORY):
         generation = CredentialStore(settings.state_dir, lineage).current()
@@ -349,7 +355,7 @@ def best_credential(
 def renew_once(settings: Settings) -> x509.Certificate:
     """One renewal over a session of its own, for ``renew --now``."""
     from device_agent.enroll.mqtt import MqttEnroller
-    from device_agent.renewal import OPERATIONAL, renew
+    from device_agent.renewal import renew
 
     lineage, generation = best_credential(settings)
     session = open_session(settings, generation, lineage)
@@ -377,7 +383,7 @@ def renew_once(settings: Settings) -> x509.Certificate:
 
 def reset(settings: Settings) -> int:
     """Destroy the operational lineage; return how many generations went."""
-    from device_agent.renewal import OPERATIONAL, RENEWAL_LOCK
+    from device_agent.renewal import RENEWAL_LOCK
 
     store = CredentialStore(settings.state_dir, OPERATIONAL)
     with store.lock(timeout=0.5, name=RENEWAL_LOCK), store.lock():

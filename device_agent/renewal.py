@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from device_agent import chain, csr, keys
 from device_agent.config import Settings
-from device_agent.credential import key_store_for_new_key
+from device_agent.credential import OPERATIONAL, key_store_for_new_key
 from device_agent.enroll import Enroller
 from device_agent.errors import AgentError, ChainError, RenewalError
 from device_agent.session import Session
@@ -32,8 +32,6 @@ from device_agent.store import CredentialStore, Generation
 
 logger = logging.getLogger(__name__)
 
-OPERATIONAL = "ldevid"
-FACTORY = "idevid"
 STEPS = ("key", "csr", "enroll", "verify", "stage", "connect", "commit")
 RENEWAL_LOCK = ".renewal.lock"
 

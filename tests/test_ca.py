@@ -2,6 +2,7 @@
 
 import datetime
 import ipaddress
+import os
 import stat
 
 import pytest
@@ -18,7 +19,7 @@ from cryptography.x509.verification import (
 )
 
 from firmware_sim import cli
-from firmware_sim.ca import CertificateAuthority
+from firmware_sim.ca import MAX_DAYS, CertificateAuthority
 from firmware_sim.errors import CAError
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -363,3 +364,220 @@ def test_cli_debug_shows_the_exception(tmp_path):
     assert result.exit_code == CAError.exit_code
     assert "Traceback" in result.output
     assert "CAError" in result.output
+
+
+@pytest.mark.parametrize("days", [-1, 0, MAX_DAYS + 1, 99999999])
+def test_create_refuses_a_lifetime_outside_1_to_max_days(tmp_path, days):
+    with pytest.raises(CAError, match="lifetime"):
+        CertificateAuthority.create(tmp_path / "ca", days=days)
+
+    assert not (tmp_path / "ca").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["x" * 49, "é" * 25, "x" * 65, "", "   ", "a\nb", "a\x00b"]
+)
+def test_create_refuses_a_name_that_no_certificate_can_carry(tmp_path, name):
+    with pytest.raises(CAError, match="CA name"):
+        CertificateAuthority.create(tmp_path / "ca", name=name)
+
+    assert not (tmp_path / "ca").exists()
+
+
+def test_create_takes_the_longest_name_that_fits(tmp_path):
+    ca = CertificateAuthority.create(tmp_path / "ca", name="x" * 48)
+
+    common_names = ca.intermediate.subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
+    )
+    assert common_names[0].value == "x" * 48 + " Intermediate CA"
+
+
+def test_create_leaves_the_mode_of_a_directory_that_exists(tmp_path):
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+
+    CertificateAuthority.create(directory)
+
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+    key_mode = (directory / "root.key").stat().st_mode
+    assert stat.S_IMODE(key_mode) == 0o600
+
+
+def test_create_under_a_file_names_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+
+    with pytest.raises(CAError, match="not a directory"):
+        CertificateAuthority.create(tmp_path / "file")
+
+
+@pytest.mark.parametrize("days", [-1, 0, MAX_DAYS + 1])
+def test_sign_csr_refuses_a_lifetime_outside_1_to_max_days(factory_ca, days):
+    with pytest.raises(CAError, match="lifetime"):
+        factory_ca.sign_csr(make_csr(), days)
+
+
+def test_an_expired_ca_refuses_to_sign(tmp_path, monkeypatch):
+    made = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    monkeypatch.setattr("firmware_sim.ca._now", lambda: made)
+    ca = CertificateAuthority.create(tmp_path / "ca", days=1)
+    monkeypatch.undo()
+
+    with pytest.raises(CAError, match="expired"):
+        ca.sign_csr(make_csr())
+    with pytest.raises(CAError, match="expired"):
+        ca.issue_server_cert()
+
+
+def test_load_names_a_ca_file_that_is_not_a_regular_file(factory_ca):
+    factory_ca.root_path.unlink()
+    os.mkfifo(factory_ca.root_path)
+
+    with pytest.raises(CAError, match=r"root\.pem: not a regular file"):
+        CertificateAuthority.load(factory_ca.directory)
+
+
+INIT_REFUSALS = {
+    "negative days": (["--days", "-1"], "--days"),
+    "zero days": (["--days", "0"], "--days"),
+    "too many days": (["--days", "99999999"], "--days"),
+    "long name": (["--name", "x" * 65], "--name"),
+    "name too long for the intermediate": (["--name", "x" * 49], "--name"),
+    "empty name": (["--name", ""], "--name"),
+    "name with a newline": (["--name", "a\nb"], "--name"),
+    "empty dir": (["--dir", ""], "--dir"),
+    "dir under a file": (["--dir", "{tmp}/file/x"], "file"),
+    "dir is a file": (["--dir", "{tmp}/file"], "file"),
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "named"), INIT_REFUSALS.values(), ids=INIT_REFUSALS.keys()
+)
+def test_cli_init_refuses_bad_input_in_one_line(tmp_path, args, named):
+    (tmp_path / "file").write_text("x")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    before = _tree(tmp_path)
+
+    result = _invoke(["ca", "init", "--dir", str(tmp_path / "ca"), *args])
+
+    _assert_refused(result, named)
+    assert _tree(tmp_path) == before
+
+
+@pytest.fixture
+def signing(tmp_path):
+    """A CA, a CSR file and the tree of tmp_path, for 'ca sign' refusals."""
+    CertificateAuthority.create(tmp_path / "ca")
+    csr_file = tmp_path / "device.csr"
+    csr_file.write_bytes(make_csr().public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "old.pem").write_text("old chain")
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.pem").symlink_to(tmp_path / "old.pem")
+    (tmp_path / "dangling.pem").symlink_to(tmp_path / "nowhere")
+    return tmp_path
+
+
+SIGN_REFUSALS = {
+    "negative days": (["--days", "-1"], "--days"),
+    "zero days": (["--days", "0"], "--days"),
+    "too many days": (["--days", "99999999"], "--days"),
+    "out in a missing dir": (["--out", "/nonexist/x.pem"], "/nonexist"),
+    "empty out": (["--out", ""], "--out"),
+    "out under a file": (["--out", "{tmp}/file/x.pem"], "file"),
+    "out is a fifo": (["--out", "{tmp}/fifo"], "fifo"),
+    "out is a symlink": (["--out", "{tmp}/link.pem"], "link.pem"),
+    "out is a dangling symlink": (["--out", "{tmp}/dangling.pem"], "dang"),
+    "out is a dir": (["--out", "{tmp}/dir"], "dir"),
+    "out is the CSR": (["--out", "{tmp}/device.csr"], "CSR"),
+    "out is the root": (["--out", "{tmp}/ca/root.pem"], "root.pem"),
+    "out is a key": (["--out", "{tmp}/ca/../ca/root.key"], "root.key"),
+    "empty dir": (["--dir", ""], "--dir"),
+    "dir under a file": (["--dir", "{tmp}/file/x"], "file"),
+    "dir without a CA": (["--dir", "{tmp}/dir"], "ca init"),
+    "csr is a fifo": (["--csr", "{tmp}/fifo"], "fifo"),
+    "csr is empty": (["--csr", ""], "CSR_FILE"),
+    "csr is missing": (["--csr", "{tmp}/none.csr"], "none.csr"),
+    "csr is a device": (["--csr", "/dev/null"], "/dev/null"),
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "named"), SIGN_REFUSALS.values(), ids=SIGN_REFUSALS.keys()
+)
+def test_cli_sign_refuses_bad_input_in_one_line(signing, args, named):
+    options = {"--csr": "{tmp}/device.csr", "--out": "{tmp}/old.pem"}
+    options["--dir"] = "{tmp}/ca"
+    options.update(zip(args[::2], args[1::2], strict=True))
+    argv = ["ca", "sign", options.pop("--csr")]
+    for option, value in options.items():
+        argv += [option, value]
+    before = _tree(signing)
+
+    result = _invoke([arg.format(tmp=signing) for arg in argv])
+
+    _assert_refused(result, named)
+    assert _tree(signing) == before
+
+
+def test_cli_sign_leaves_a_device_node_alone(signing):
+    device = signing / "full"
+    try:
+        os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 7))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+
+    result = _sign(signing, device)
+
+    _assert_refused(result, "full")
+    assert stat.S_ISCHR(device.lstat().st_mode)
+
+
+def test_cli_sign_replaces_a_regular_file_whole(signing):
+    out = signing / "old.pem"
+
+    result = _sign(signing, out)
+
+    assert result.exit_code == 0, result.output
+    assert len(x509.load_pem_x509_certificates(out.read_bytes())) == 2
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert not [p for p in signing.iterdir() if p.name.endswith(".partial")]
+
+
+def _sign(directory, out):
+    csr_file = str(directory / "device.csr")
+    ca_dir = str(directory / "ca")
+    return _invoke(
+        ["ca", "sign", csr_file, "--out", str(out), "--dir", ca_dir]
+    )
+
+
+def _invoke(argv):
+    return CliRunner().invoke(edge_command(cli.run), argv)
+
+
+def _assert_refused(result, named):
+    assert result.exit_code in (1, 2), result.output
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: ")
+    assert named in result.output
+    assert "internal error" not in result.output
+    assert "Traceback" not in result.output
+
+
+def _tree(root):
+    """Every path under root with its type, mode and content or target."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            what = os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            what = path.read_bytes()
+        else:
+            what = None
+        tree[str(path.relative_to(root))] = (info.st_mode, what)
+    return tree

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from cryptography import x509
 from device_cli import Device
 
 FAST = {
@@ -361,9 +362,10 @@ def test_a_credential_changed_by_someone_else_is_not_overwritten(
     operational, registrar_world
 ):
     from device_agent import config, credential
+    from device_agent.credential import OPERATIONAL
     from device_agent.enroll.mqtt import MqttEnroller
     from device_agent.errors import RenewalError
-    from device_agent.renewal import OPERATIONAL, renew
+    from device_agent.renewal import renew
 
     settings = config.load(operational.config)
     link = operational.state / "ldevid" / "current"
@@ -389,3 +391,23 @@ def test_a_credential_changed_by_someone_else_is_not_overwritten(
         session.close()
     assert chain_file.read_bytes().endswith(b"\n\n")
     assert len(generations(operational)) == 1
+
+
+def test_operational_identity_by_file(tmp_path, registrar_world):
+    """A CA reached only by file: keygen, csr and install-chain with
+    --identity operational make an operational identity by hand."""
+    from firmware_sim.ca import chain_pem
+
+    world = registrar_world
+    device = bring_up(tmp_path, world, None)
+    device.run("keygen", "--identity", "operational")
+    request = x509.load_pem_x509_csr(
+        device.run("csr", "--identity", "operational").stdout
+    )
+    path = tmp_path / "operational.pem"
+    path.write_bytes(chain_pem(world.operational_ca.sign_csr(request)))
+    device.run("install-chain", "--identity", "operational", str(path))
+    report = status(device)["identities"]["ldevid"]
+    assert report["certificate"]["state"] == "valid"
+    assert "Device Operations" in report["certificate"]["issuer"]
+    assert f"as {world.device_id}.ldevid.1 " in device.run("connect").out

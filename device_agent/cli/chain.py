@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from device_agent import credential
+from device_agent.cli.keys import IDENTITY
 from device_agent.cli.main import App, pass_app
 from device_agent.errors import ChainError
 
@@ -16,13 +17,16 @@ MAX_READ = 4 * 1024 * 1024
 
 @click.command("install-chain")
 @click.argument("source", metavar="FILE")
+@IDENTITY
 @pass_app
-def install_chain(app: App, source: str) -> None:
+def install_chain(app: App, source: str, identity: str) -> None:
     """Check a certificate chain (PEM, DER or PKCS#7; '-' for stdin) and
     make it the current credential."""
     settings = app.settings()
     data = _read(source)
-    leaf = credential.install_chain(settings, data)
+    leaf = credential.install_chain(
+        settings, data, lineage=credential.IDENTITIES[identity]
+    )
     click.echo(
         f"installed certificate {leaf.serial_number:x} "
         f"valid until {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z"

@@ -50,14 +50,19 @@ def connect(
     timeout: float,
     tls_max_version: str | None,
 ) -> None:
-    """Connect to the broker with the device credential, then leave."""
+    """Connect to the broker with the device credential, then leave.
+
+    The operational credential is used while it is valid, else the
+    factory one.
+    """
     if topic is not None:
         check_topic(topic, wildcards=True)
     if publish is not None:
         check_topic(publish[0], wildcards=False)
     settings = app.settings()
+    lineage, generation = credential.best_credential(settings)
     session = credential.open_session(
-        settings, max_tls_version=tls_max_version
+        settings, generation, lineage, max_tls_version=tls_max_version
     )
     started = time.monotonic()
     session.open()

@@ -12,15 +12,27 @@ from device_agent.cli.main import App, pass_app
 from device_agent.errors import CSRError
 from device_agent.store import write_atomic
 
+IDENTITY = click.option(
+    "--identity",
+    type=click.Choice(sorted(credential.IDENTITIES)),
+    default="factory",
+    show_default=True,
+    help="The factory identity (bring-up) or the operational one (which "
+    "the agent renews; by file for a CA it cannot reach over MQTT).",
+)
+
 
 @click.command()
 @click.option(
     "--force", is_flag=True, help="Make a new key even if one exists."
 )
+@IDENTITY
 @pass_app
-def keygen(app: App, force: bool) -> None:
+def keygen(app: App, force: bool, identity: str) -> None:
     """Make the device key (in the TPM when there is one)."""
-    result = credential.keygen(app.settings(), force=force)
+    result = credential.keygen(
+        app.settings(), force=force, lineage=credential.IDENTITIES[identity]
+    )
     protection = (
         "in the TPM"
         if result["hardware_protected"]
@@ -44,11 +56,12 @@ def keygen(app: App, force: bool) -> None:
     type=click.Path(dir_okay=False),
     help="Write the CSR here instead of to stdout.",
 )
+@IDENTITY
 @pass_app
-def csr(app: App, out: str | None) -> None:
+def csr(app: App, out: str | None, identity: str) -> None:
     """Print a CSR signed by the device key."""
     target = _output_path(out) if out is not None else None
-    pem = credential.make_csr(app.settings())
+    pem = credential.make_csr(app.settings(), credential.IDENTITIES[identity])
     if target is None:
         sys.stdout.write(pem.decode())
         return
