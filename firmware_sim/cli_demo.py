@@ -72,6 +72,12 @@ def demo(key_store: str, device_id: str, keep: Path | None) -> None:
     """
     if keep is not None and os.path.lexists(keep):
         raise click.BadParameter(f"{keep} exists already", param_hint="--keep")
+    if keep is not None and key_store == "tpm" and "," in str(keep.absolute()):
+        # swtpm keeps its state under it, and takes no path with a comma.
+        raise click.BadParameter(
+            f"{keep}: swtpm cannot use a path with a comma",
+            param_hint="--keep",
+        )
     try:
         with _stopped_by_signals(), workspace(keep) as directory:
             Demo(directory, click.echo, key_store, device_id).run()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -46,6 +48,9 @@ _TPM2_HT_TRANSIENT = 0x80
 _PROBE_TIMEOUT = 0.5
 _POLL_INTERVAL = 0.005
 _LOG_TAIL_LINES = 5
+
+# A pid or a port takes a few bytes; more is not one.
+_NOTE_BYTES = 64
 
 # How long a swtpm that outran the start timeout gets to finish
 # daemonizing, so that the daemon it leaves can be found and stopped.
@@ -106,7 +111,7 @@ class Swtpm:
     def pid(self) -> int | None:
         """The pid of the running swtpm of this state dir, if there is one."""
         try:
-            pid = int(self.pid_path.read_text().strip())
+            pid = int(_read_note(self.pid_path))
         except (OSError, ValueError):
             return None
         return pid if pid > 0 and _is_swtpm(pid) else None
@@ -278,12 +283,13 @@ class Swtpm:
         )
         try:
             _, stderr = process.communicate(timeout=timeout)
-        except BaseException as exc:
+        except subprocess.TimeoutExpired:
             self._abandon(process)
-            if isinstance(exc, subprocess.TimeoutExpired):
-                raise self._start_failure(
-                    f"did not daemonize in {timeout:g} s"
-                ) from None
+            raise self._start_failure(
+                f"did not daemonize in {timeout:g} s"
+            ) from None
+        except BaseException:
+            self._abandon(process)
             raise
 
         if process.returncode != 0:
@@ -346,7 +352,7 @@ def remembered_port(state_dir: Path) -> int | None:
         return None
 
     try:
-        text = path.read_text(errors="replace").strip()
+        text = _read_note(path).strip()
     except OSError as exc:
         raise SimulatorError(f"{path}: {exc.strerror or exc}") from None
 
@@ -358,6 +364,16 @@ def remembered_port(state_dir: Path) -> int | None:
             f"{path} holds port {port}, outside {LOWEST_PORT}-{HIGHEST_PORT}"
         )
     return port
+
+
+def _read_note(path: Path) -> str:
+    """The start of a small file such as the pid or the port file."""
+    # Non-blocking, so that a FIFO in its place is refused, not waited on.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return file.read(_NOTE_BYTES).decode(errors="replace")
 
 
 def _write_replacing(path: Path, text: str) -> None:
