@@ -1,8 +1,4 @@
-"""The ``firmware-sim ca`` commands: create the factory CA, sign CSRs.
-
-The option types and checks that the other ``firmware-sim`` commands
-share (paths, CA names) live here too, next to the CA they protect.
-"""
+"""The ``firmware-sim ca`` commands: create the factory CA, sign CSRs."""
 
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import click
 from cryptography import x509
@@ -22,62 +17,16 @@ from firmware_sim.ca import (
     MAX_DAYS,
     CertificateAuthority,
     chain_pem,
-    check_name,
     read_small_file,
 )
 from firmware_sim.errors import CAError
+from firmware_sim.params import (
+    DirectoryPath,
+    NonEmptyPath,
+    ca_name,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class NonEmptyPath(click.Path):
-    """A click.Path that refuses "", which would mean the working dir."""
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: Any
-    ) -> Any:
-        if isinstance(value, str) and not value.strip():
-            self.fail("must not be empty", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class RegularFile(NonEmptyPath):
-    """A regular file that exists: not a FIFO or a device that blocks."""
-
-    def __init__(self) -> None:
-        super().__init__(path_type=Path, dir_okay=False, exists=True)
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: Any
-    ) -> Any:
-        path = super().convert(value, param, ctx)
-        if not Path(path).is_file():
-            self.fail(f"{path} is not a regular file", param, ctx)
-        return path
-
-
-class DirectoryPath(NonEmptyPath):
-    """A directory that exists or could be made: no file on its path."""
-
-    def __init__(self) -> None:
-        super().__init__(path_type=Path, file_okay=False)
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: Any
-    ) -> Any:
-        path = super().convert(value, param, ctx)
-        blocker = _file_on_path(Path(path))
-        if blocker is not None:
-            self.fail(f"{blocker} is not a directory", param, ctx)
-        return path
-
-
-def ca_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """Click callback: a CA name that fits the certificates made with it."""
-    try:
-        return check_name(value)
-    except CAError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 _CA_DIR = click.option(
@@ -178,14 +127,6 @@ def _same_file(first: Path, second: Path) -> bool:
         return os.path.samefile(first, second)
     except OSError:
         return False
-
-
-def _file_on_path(path: Path) -> Path | None:
-    """The first thing on the way to ``path`` that is not a directory."""
-    for step in reversed([path, *path.parents]):
-        if os.path.lexists(step) and not step.is_dir():
-            return step
-    return None
 
 
 def _write_replacing(path: Path, data: bytes) -> None:

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from firmware_sim.cli_ca import DirectoryPath
 from firmware_sim.demo import Demo, workspace
 from firmware_sim.errors import SimError
+from firmware_sim.params import DirectoryPath
 from firmware_sim.registry import RegistryError, check_device_id
 
 # Signals that end the demo the way Ctrl-C does, stopping what it started.

@@ -14,8 +14,8 @@ from types import FrameType
 import click
 
 from firmware_sim.ca import CA_FILES, MAX_DAYS
-from firmware_sim.cli_ca import DirectoryPath, RegularFile, ca_name
 from firmware_sim.errors import SimError
+from firmware_sim.params import DirectoryPath, RegularFile, ca_name
 from firmware_sim.registrar import Layout, Registrar, prepare
 from firmware_sim.registry import (
     DECOMMISSIONED,
