@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -151,12 +151,12 @@ class World:
 
 
 @contextlib.contextmanager
-def world(registrar_for: str | None = None) -> Iterator[World]:
+def world(registered: Sequence[str] = ()) -> Iterator[World]:
     """Start swtpm (logging every command) and a mutual-TLS mosquitto.
 
-    With ``registrar_for`` a device id, a registrar with its own
-    operational CA serves renewals for that device as well; the broker
-    then trusts both roots and checks CRLs, as in the field.
+    With ``registered`` device ids, a registrar with its own operational
+    CA serves renewals for those devices as well; the broker then trusts
+    both roots and checks CRLs, as in the field.
     """
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     # As root, mosquitto works as its own user, which cannot enter the
@@ -175,7 +175,7 @@ def world(registrar_for: str | None = None) -> Iterator[World]:
         client_ca_file = factory_ca.root_path
         layout = None
 
-        if registrar_for is not None:
+        if registered:
             from firmware_sim import registrar
 
             layout = registrar.prepare(root / "registrar")
@@ -203,12 +203,13 @@ def world(registrar_for: str | None = None) -> Iterator[World]:
         stack.callback(broker.stop)
         made = World(root, swtpm, factory_ca, broker, client_ca_file)
 
-        if registrar_for is not None:
+        if registered:
             assert layout is not None
             made.registry, made.registrar = _start_registrar(
                 stack, layout, operational, broker, client_ca_file
             )
-            made.registry.add(registrar_for)
+            for device_id in registered:
+                made.registry.add(device_id)
         yield made
 
 
@@ -239,9 +240,7 @@ def _start_registrar(
     return registry, registrar
 
 
-def _server_files(
-    ca: CertificateAuthority, directory: Path
-) -> dict[str, Any]:
+def _server_files(ca: CertificateAuthority, directory: Path) -> dict[str, Any]:
     chain, key = ca.issue_server_cert()
     directory.mkdir(mode=0o700)
     cert_path = directory / "server.pem"

@@ -1,0 +1,98 @@
+"""Medians, percentiles, ratios and the table a benchmark prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+
+DEFAULT_RUNS = 20
+
+
+def arguments(module: str, description: str) -> argparse.Namespace:
+    """The options every benchmark takes: ``--runs N``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=DEFAULT_RUNS,
+        help=f"repetitions of each measurement (default {DEFAULT_RUNS})",
+    )
+    options = parser.parse_args()
+    if options.runs < 1:
+        parser.error("--runs must be at least 1")
+    return options
+
+
+def quiet_logging() -> None:
+    """Warnings and errors to stderr; benchmarks add their own handlers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def p90(values: Sequence[float]) -> float:
+    """The 90th percentile by nearest rank: a value that was measured."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(0.9 * len(ordered)) - 1, 0)]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}" if denominator else "n/a"
+
+
+def verdict(value: float, target: float) -> str:
+    return "ok" if value <= target else "OVER TARGET"
+
+
+class Table:
+    """Rows of cells, printed with columns aligned to their widest cell."""
+
+    def __init__(self, title: str, header: Sequence[str]) -> None:
+        self.title = title
+        self.rows: list[list[str]] = [list(header)]
+        self._rules: set[int] = {1}
+
+    def add(self, *cells: str) -> None:
+        self.rows.append(list(cells))
+
+    def rule(self) -> None:
+        """A line between the rows above and the rows to come."""
+        self._rules.add(len(self.rows))
+
+    def render(self) -> str:
+        count = max(len(row) for row in self.rows)
+        rows = [row + [""] * (count - len(row)) for row in self.rows]
+        widths = [max(len(row[i]) for row in rows) for i in range(count)]
+        line = "-+-".join("-" * width for width in widths)
+        out = [self.title, "=" * len(self.title)]
+        for index, row in enumerate(rows):
+            if index in self._rules:
+                out.append(line)
+            cells = [
+                cell.ljust(width)
+                for cell, width in zip(row, widths, strict=True)
+            ]
+            out.append(" | ".join(cells).rstrip())
+        return "\n".join(out)
+
+    def print(self) -> None:
+        print(self.render(), flush=True)
