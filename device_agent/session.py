@@ -69,6 +69,10 @@ class Session:
         self.tls_version: str | None = None
 
         self._context_factory = context_factory
+        # Kept across reconnects: building one loads the key, which for a
+        # TPM key costs five TPM commands. Dropped after any failed
+        # connect, so a restarted TPM or a replaced file is picked up.
+        self._context: ssl.SSLContext | None = None
         self._client: mqtt.Client | None = None
         self._connack: ReasonCode | None = None
         # Set by paho's thread on CONNACK and on any disconnect.
@@ -172,6 +176,7 @@ class Session:
             client.disconnect()
             client.loop_stop()
         self._connected.clear()
+        self._context = None
 
     def _require_client(self) -> mqtt.Client:
         if self._client is None or not self._connected.is_set():
@@ -179,6 +184,13 @@ class Session:
         return self._client
 
     def _connect_once(self) -> None:
+        try:
+            self._connect_with_context()
+        except BaseException:
+            self._context = None
+            raise
+
+    def _connect_with_context(self) -> None:
         client = self._new_client()
         self._connack = None
         self._last_error = None
@@ -260,7 +272,9 @@ class Session:
             protocol=_PROTOCOLS[self.mqtt_version],
             reconnect_on_failure=False,
         )
-        client.tls_set_context(self._context_factory())
+        if self._context is None:
+            self._context = self._context_factory()
+        client.tls_set_context(self._context)
         client.connect_timeout = self.connect_timeout
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -22,8 +22,13 @@ _handed_out: set[int] = set()
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether ``port`` on ``host`` can be bound right now."""
+    """Whether a server could listen on ``port`` of ``host`` right now.
+
+    Like the servers we start, the probe sets SO_REUSEADDR, so connections
+    of an earlier server left in TIME_WAIT do not count as taking the port.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
