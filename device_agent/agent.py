@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography import x509
 
-from device_agent import chain, credential
+from device_agent import chain, credential, keys
 from device_agent.config import Settings
 from device_agent.core import clock, policy
 from device_agent.credential import FACTORY, OPERATIONAL
@@ -28,9 +28,11 @@ from device_agent.enroll.mqtt import MqttEnroller
 from device_agent.errors import (
     AgentError,
     EnrollError,
+    KeyStoreError,
     RenewalError,
     SessionError,
     StoreError,
+    TPMError,
 )
 from device_agent.renewal import renew
 from device_agent.session import Session
@@ -46,6 +48,12 @@ LAST_GOOD_FILE = "last-good-time"
 # suspend, resume and clock steps are noticed within this many seconds.
 MAX_SLEEP = 5.0
 NEVER = float("inf")
+
+
+class RestartError(AgentError):
+    """The process cannot recover by itself; a new one would."""
+
+    exit_code = 75
 
 
 class Agent:
@@ -81,7 +89,9 @@ class Agent:
         self.next_connect = 0.0
         self.connect_attempt = 0
         self.failures = 0
+        self.tick_failures = 0
         self.last_result = "none yet"
+        self._status_written: tuple[str, float] | None = None
         self.renewals = policy.LoopDetector(floor=self.settings.renew_floor)
 
         self._wake = threading.Event()
@@ -99,10 +109,37 @@ class Agent:
             logger.info("agent started for %s", self.settings.device_id)
             try:
                 while not self._stop:
-                    self._tick()
+                    self._guarded_tick()
                     self._sleep()
             finally:
                 self._shutdown()
+
+    def _guarded_tick(self) -> None:
+        """One tick; a failure is reported and retried, never fatal.
+
+        A disk that is full, a file made immutable, a TPM that is gone:
+        each is logged and shown in status, and the next tick tries
+        again after a pause that grows while the failures go on.
+        """
+        try:
+            self._tick()
+        except RestartError as exc:
+            self.state = "restarting"
+            self.last_result = str(exc)
+            self._write_status_quietly()
+            raise
+        except Exception as exc:
+            self.tick_failures += 1
+            self.state = "error"
+            self.last_result = f"error: {_describe(exc)}"
+            logger.error("%s", self.last_result)
+            if self.tick_failures > 1 or not isinstance(exc, AgentError):
+                logger.debug("tick failed", exc_info=True)
+            pause = min(2.0**self.tick_failures, self.settings.retry_cap)
+            self._wake.wait(pause)
+            self._write_status_quietly()
+        else:
+            self.tick_failures = 0
 
     def _tick(self) -> None:
         if self._reload:
@@ -112,13 +149,15 @@ class Agent:
         if self.session is None or not self.session.connected:
             self._ensure_session(now)
         if self.session is not None and self.session.connected:
+            if self.state not in ("needs_service", "renewal_loop"):
+                self.state = "connected"
             now = self.now()
             if now >= self.next_heartbeat:
                 self._heartbeat(now)
             now = self.now()
             if self._renewal_due(now):
                 self._renew(now)
-        self._write_status()
+        self._write_status_quietly()
         self.notifier.send(watchdog="1", status=self._summary())
 
     def _sleep(self) -> None:
@@ -167,28 +206,38 @@ class Agent:
         return found
 
     def _ensure_session(self, now: float) -> None:
-        if now < self.next_connect:
-            return
         if self.session is not None:
-            if self._refused(self.session):
+            if self.session.credential_error:
+                self._drop_session(
+                    f"this credential cannot be used: "
+                    f"{self.session.last_error}"
+                )
+            elif self._refused(self.session):
                 self._drop_session("the broker refuses this credential")
             else:
+                self.state = "reconnecting"
+                self.last_result = (
+                    f"link down: {self.session.last_error or 'reconnecting'}"
+                )
                 return  # the session reconnects by itself
+        if now < self.next_connect:
+            return
         self.state = "connecting"
         for lineage, generation in self._candidates(now):
-            session = credential.open_session(
-                self.settings, generation, lineage
-            )
             try:
+                session = credential.open_session(
+                    self.settings, generation, lineage
+                )
                 session.open()
             except SessionError as exc:
-                logger.warning(
-                    "%s credential %d: %s", lineage, generation.number, exc
-                )
-                self.last_result = f"connect failed: {exc}"
+                self._connect_failed(lineage, generation, exc)
                 if exc.reason in ("refused", "tls"):
                     continue
                 break
+            except AgentError as exc:
+                self._connect_failed(lineage, generation, exc)
+                self._check_tpm_provider(generation, exc)
+                continue
             self._use(session, lineage, generation)
             return
         delay = policy.retry_delay(
@@ -202,6 +251,34 @@ class Agent:
         )
         self.connect_attempt += 1
         self.next_connect = now + delay
+
+    def _connect_failed(
+        self, lineage: str, generation: Generation, exc: AgentError
+    ) -> None:
+        logger.warning("%s credential %d: %s", lineage, generation.number, exc)
+        self.last_result = f"connect failed: {exc}"
+
+    def _check_tpm_provider(
+        self, generation: Generation, exc: AgentError
+    ) -> None:
+        """Restart when the TPM answers but TLS cannot use its key.
+
+        The OpenSSL provider keeps its own connection to the TPM, made
+        when it loaded; once that broke it does not recover inside the
+        process, while a fresh process works at once.
+        """
+        key = generation.key_path()
+        if key is None or keys.kind_of(key) != "tpm":
+            return
+        if not isinstance(exc, KeyStoreError) or isinstance(exc, TPMError):
+            return
+        from device_agent.keys.tpm import TPMKeyStore
+
+        if TPMKeyStore(self.settings.tcti).answers():
+            raise RestartError(
+                f"TLS cannot use the TPM key although the TPM answers "
+                f"({exc}); restarting to reset the TPM provider"
+            )
 
     def _use(
         self, session: Session, lineage: str, generation: Generation
@@ -345,8 +422,9 @@ class Agent:
         self.retire_after_proof = True
         self.failures = 0
         self.renewals.record(now)
+        verb = "renewed" if operational else "enrolled"
         self.last_result = (
-            f"renewed at {_iso(now)}: certificate "
+            f"{verb} at {_iso(now)}: certificate "
             f"{renewed.leaf.serial_number:x} in "
             f"{time.monotonic() - started:.2f} s"
         )
@@ -428,6 +506,11 @@ class Agent:
             self.settings.clock_skew,
             fresh_not_afters=fresh,
         )
+        if state != "trusted":
+            reason = (
+                f"{reason}; if the clock is right, delete "
+                f"{self.settings.state_dir / LAST_GOOD_FILE}"
+            )
         if state != self.clock_state:
             logger.warning("clock %s: %s", state, reason or "sane again")
         self.clock_state, self.clock_reason = state, reason
@@ -455,7 +538,7 @@ class Agent:
         path = self.settings.state_dir / LAST_GOOD_FILE
         try:
             return clock.decode_last_good(path.read_text())
-        except OSError:
+        except (OSError, ValueError):
             return None
 
     def _write_last_good(self, value: float) -> None:
@@ -468,10 +551,15 @@ class Agent:
         return self.state
 
     def _write_status(self) -> None:
+        """Write status.json when anything changed, else once a minute.
+
+        It is replaced without fsync: it is a report, rebuilt on every
+        start, and rewriting it durably every few seconds would wear
+        the flash of a small board.
+        """
         lineage, generation = self.identity or (None, None)
         report: dict[str, Any] = {
             "pid": os.getpid(),
-            "updated": _iso(self.now()),
             "state": self._summary(),
             "clock": self.clock_state,
             "clock_reason": self.clock_reason,
@@ -485,8 +573,22 @@ class Agent:
             "last_result": self.last_result,
             "failures_in_row": self.failures,
         }
+        content = json.dumps(report, sort_keys=True)
+        now = time.monotonic()
+        if self._status_written is not None:
+            last_content, written_at = self._status_written
+            if last_content == content and now - written_at < 60:
+                return
+        report["updated"] = _iso(self.now())
         data = json.dumps(report, indent=2, sort_keys=True).encode()
-        write_atomic(self.settings.status_file, data, 0o644)
+        write_atomic(self.settings.status_file, data, 0o644, durable=False)
+        self._status_written = (content, now)
+
+    def _write_status_quietly(self) -> None:
+        try:
+            self._write_status()
+        except (OSError, AgentError) as exc:
+            logger.warning("status not written: %s", _describe(exc))
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -537,7 +639,8 @@ class Agent:
         if self.session is not None:
             self.session.close()
         self.state = "stopped"
-        self._write_status()
+        self._status_written = None
+        self._write_status_quietly()
         logger.info("agent stopped")
 
 
@@ -567,3 +670,11 @@ def _iso(timestamp: float) -> str | None:
         return None
     moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
     return moment.isoformat(timespec="seconds")
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error, naming the file when there is one."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return str(exc) or type(exc).__name__

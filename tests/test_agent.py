@@ -133,3 +133,26 @@ def test_last_good_time_survives_garbage(tmp_path):
     assert clock.decode_last_good("not a time") is None
     assert clock.decode_last_good(clock.encode_last_good(1234.5)) == 1234.5
     assert LAST_GOOD_FILE
+
+
+def test_a_failing_tick_is_reported_and_the_agent_goes_on(
+    make_agent, monkeypatch
+):
+    agent = make_agent(Clock())
+    agent._tick()
+
+    def broken(now):
+        raise OSError(28, "No space left on device", "/state/x")
+
+    monkeypatch.setattr(agent, "_heartbeat", broken)
+    agent.next_heartbeat = 0.0
+    monkeypatch.setattr(agent._wake, "wait", lambda seconds: None)
+    agent._guarded_tick()
+    assert agent.state == "error"
+    assert "/state/x: No space left on device" in agent.last_result
+    assert agent.tick_failures == 1
+
+    monkeypatch.undo()
+    agent._guarded_tick()
+    assert agent.tick_failures == 0
+    assert agent.state == "connected"

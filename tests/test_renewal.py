@@ -410,4 +410,53 @@ def test_operational_identity_by_file(tmp_path, registrar_world):
     report = status(device)["identities"]["ldevid"]
     assert report["certificate"]["state"] == "valid"
     assert "Device Operations" in report["certificate"]["issuer"]
-    assert f"as {world.device_id}.ldevid.1 " in device.run("connect").out
+    assert "with the ldevid credential 1 " in device.run("connect").out
+
+
+def test_daemon_survives_an_unusable_credential_and_reenrolls(
+    tmp_path, registrar_world
+):
+    """The operational chain is damaged under a running agent and the link
+    drops: the agent falls back to the factory identity, enrolls again,
+    and says what happened; it never exits."""
+    world = registrar_world
+    world.start_registrar(lifetime=300)
+    device = bring_up(tmp_path, world, None)
+    agent = device.start()
+    try:
+        wait_for(
+            lambda: (
+                (status(device).get("agent") or {}).get("identity") == "ldevid"
+            ),
+            30,
+            "an operational identity",
+        )
+        first = status(device)["agent"]["generation"]
+        current = device.state / "ldevid" / "current" / "chain.pem"
+        world.broker.stop()
+        current.write_bytes(b"garbage\n")
+        # A failed reconnect makes the session build its TLS context anew,
+        # from the damaged file.
+        wait_for(
+            lambda: "link down" in status(device)["agent"]["last_result"],
+            20,
+            "the link to drop",
+        )
+        time.sleep(2)
+        world.broker.start()
+        wait_for(
+            lambda: (
+                (status(device).get("agent") or {}).get("generation")
+                not in (None, first)
+                and status(device)["agent"]["state"] == "connected"
+            ),
+            60,
+            "a new operational identity",
+        )
+        assert agent.poll() is None
+    finally:
+        out = stop(agent)
+    assert "Traceback" not in out
+    assert status(device)["identities"]["ldevid"]["certificate"]["state"] == (
+        "valid"
+    )

@@ -102,3 +102,54 @@ def test_reconnects_after_a_tpm_restart(
     finally:
         process.kill()
         process.wait()
+
+
+_TAKEN_OVER = """
+import sys
+from pathlib import Path
+from device_agent import config, credential
+settings = config.load(Path(sys.argv[1]))
+session = credential.open_session(settings)
+session.reconnect_base = 0.2
+session.reconnect_cap = 1.0
+session.open()
+print(session.client_id, flush=True)
+sys.stdin.readline()
+print("connected" if session.connected else "down", flush=True)
+session.close()
+"""
+
+
+def test_takeovers_leak_no_tpm_object(
+    tmp_path, swtpm, factory_ca, broker_factory, make_identity, mqtt_probe
+):
+    """Another client taking the session's id over and over: the session
+    comes back each time and loads its key only once."""
+    broker = broker_factory()
+    device = Device(tmp_path, swtpm.tcti)
+    device.init(broker.port, factory_ca.root_path)
+    device.enroll(factory_ca)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _TAKEN_OVER, str(device.config)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        client_id = process.stdout.readline().strip()
+        twin = make_identity(device.id)
+        for _ in range(5):
+            probe = mqtt_probe(client_id)
+            assert probe.connect(broker.port, factory_ca.root_path, twin)
+            probe.close()
+            time.sleep(0.3)
+        assert len(swtpm.transient_handles()) <= 1
+        reconnects = broker.log_text().count(f"as {client_id} ")
+        assert reconnects >= 2
+        time.sleep(2.5)
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "connected"
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.wait()
+    assert swtpm.transient_handles() == []

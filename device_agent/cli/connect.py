@@ -64,13 +64,16 @@ def connect(
     session = credential.open_session(
         settings, generation, lineage, max_tls_version=tls_max_version
     )
+    # An id of its own, so that it does not take over the daemon's session.
+    session.client_id = f"{settings.device_id}.connect.{os.getpid()}"
     started = time.monotonic()
     session.open()
     try:
         elapsed = (time.monotonic() - started) * 1000
         click.echo(
             f"connected to {session.host}:{session.port} as "
-            f"{session.client_id} over {session.tls_version} "
+            f"{session.client_id} with the {lineage} credential "
+            f"{generation.number} over {session.tls_version} "
             f"in {elapsed:.1f} ms"
         )
         if topic is not None:

@@ -70,6 +70,9 @@ def _identity_lines(name: str, identity: dict[str, Any]) -> list[str]:
     if cert is None:
         lines.append("  certificate:   none installed")
         return lines
+    if cert["state"] == "unreadable":
+        lines.append(f"  certificate:   UNREADABLE: {cert['detail']}")
+        return lines
     return [
         *lines,
         f"  certificate:   {cert['serial']} ({cert['state']})",
