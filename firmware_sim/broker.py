@@ -197,45 +197,21 @@ class Broker:
 
     def config_text(self) -> str:
         """The mosquitto.conf this broker runs with."""
-        lines = [
-            f"user {RUN_AS}",
-            "per_listener_settings false",
-            "allow_anonymous false",
-            "persistence false",
-            # mosquitto writes its log to stderr, which goes to a file we
-            # opened, so the log needs no file mosquitto's user can write,
-            # and startup errors land in it too.
-            "log_dest stderr",
-            "log_type all",
-            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            "connection_messages true",
-            f"pid_file {self.pid_path}",
-            # Without it every connect stalls on Nagle's algorithm.
-            "set_tcp_nodelay true",
-        ]
-        if self.acl:
-            lines.append(f"acl_file {self.acl_path}")
-        lines += [
-            "",
-            f"listener {self.port} {self.host}",
-            f"cafile {self.workdir / CA_BUNDLE}",
-            f"certfile {self.workdir / SERVER_CERT}",
-            f"keyfile {self.workdir / SERVER_KEY}",
-            f"tls_version {self.tls_version}",
-            "require_certificate true",
-            "use_identity_as_username true",
-        ]
-        if self.crl_file is not None:
-            lines.append(f"crlfile {self.workdir / CRL}")
-        return "\n".join(lines) + "\n"
+        return render_config(
+            port=self.port,
+            host=self.host,
+            ca_file=self.workdir / CA_BUNDLE,
+            cert_file=self.workdir / SERVER_CERT,
+            key_file=self.workdir / SERVER_KEY,
+            crl_file=None if self.crl_file is None else self.workdir / CRL,
+            acl_file=self.acl_path if self.acl else None,
+            tls_version=self.tls_version,
+            pid_file=self.pid_path,
+        )
 
     def acl_text(self) -> str:
         """The ACL: devices under their own CN, service users as given."""
-        lines = [f"pattern readwrite {DEVICE_PATTERN}"]
-        for user, topics in self.service_users.items():
-            lines += ["", f"user {user}"]
-            lines += [f"topic readwrite {topic}" for topic in topics]
-        return "\n".join(lines) + "\n"
+        return render_acl(self.service_users)
 
     def _install(self) -> None:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -308,6 +284,85 @@ class Broker:
 
         tail = " | ".join(self.log_text().strip().splitlines()[-4:])
         return BrokerError(f"broker on port {self.port} {what}: {tail}")
+
+
+def render_config(
+    *,
+    port: int,
+    host: str,
+    ca_file: Path,
+    cert_file: Path,
+    key_file: Path,
+    crl_file: Path | None,
+    acl_file: Path | None,
+    tls_version: str = "tlsv1.2",
+    pid_file: Path | None = None,
+) -> str:
+    """A mosquitto.conf for devices: mutual TLS, the CN as username.
+
+    One listener on ``host`` and ``port`` requires a client certificate
+    that chains to ``ca_file`` and, if ``crl_file`` is given, is not
+    revoked by it; ``acl_file`` limits what each user reaches.
+    """
+    lines = [
+        f"user {RUN_AS}",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        "persistence false",
+        # The log goes to stderr, which whoever starts mosquitto points
+        # at a file or a journal, so it needs no file mosquitto's user
+        # can write, and startup errors land in it too. mosquitto writes
+        # each line at once there, where stdout would be buffered.
+        "log_dest stderr",
+        "log_type all",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        "connection_messages true",
+    ]
+    if pid_file is not None:
+        lines.append(f"pid_file {pid_file}")
+    # Without it every connect stalls on Nagle's algorithm.
+    lines.append("set_tcp_nodelay true")
+    if acl_file is not None:
+        lines.append(f"acl_file {acl_file}")
+    lines += [
+        "",
+        f"listener {port} {host}",
+        f"cafile {ca_file}",
+        f"certfile {cert_file}",
+        f"keyfile {key_file}",
+        f"tls_version {tls_version}",
+        "require_certificate true",
+        "use_identity_as_username true",
+    ]
+    if crl_file is not None:
+        lines.append(f"crlfile {crl_file}")
+    return "\n".join(lines) + "\n"
+
+
+def render_acl(service_users: Mapping[str, Sequence[str]]) -> str:
+    """An ACL: devices under their own CN, service users as given."""
+    lines = [f"pattern readwrite {DEVICE_PATTERN}"]
+    for user, topics in service_users.items():
+        lines += ["", f"user {user}"]
+        lines += [f"topic readwrite {topic}" for topic in topics]
+    return "\n".join(lines) + "\n"
+
+
+def unreachable_dir(directory: Path) -> Path | None:
+    """Where mosquitto, started by us as root, could not enter on its way.
+
+    That is the first directory down to ``directory`` (which exists)
+    that user RUN_AS may not enter; None when we are not root, since
+    mosquitto then keeps our user.
+    """
+    if os.geteuid() != 0:
+        return None
+    return _first_blocking_dir(directory.resolve())
+
+
+def run_as_group() -> int:
+    """The group id of RUN_AS, which mosquitto reads files as."""
+    return _run_as().pw_gid
 
 
 def _copy(source: Path, target: Path, mode: int) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import logging
 import os
+import re
 import stat
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -28,6 +31,9 @@ ROOT_KEY = "root.key"
 INTERMEDIATE_CERT = "intermediate.pem"
 INTERMEDIATE_KEY = "intermediate.key"
 CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY)
+# The serials the CA revoked, one a line with the time of revocation, so
+# that every later CRL still lists them.
+REVOKED = "revoked.txt"
 
 # Certificates start a little in the past so that a device whose clock
 # runs slightly behind the CA's still accepts what it was just given.
@@ -45,6 +51,15 @@ _INTERMEDIATE_SUFFIX = " Intermediate CA"
 # Certificates, keys and CSRs are a few kilobytes; anything far larger
 # is the wrong file, and reading it whole would only cost memory.
 MAX_FILE_BYTES = 1 << 20
+
+# RFC 5280 allows serials of 20 bytes; cryptography signs positive ones
+# of 159 bits at most.
+MAX_SERIAL_BITS = 159
+
+# A host name as certificates carry it: LDH labels of IDNA A-labels.
+MAX_HOST_NAME = 253
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 CAPrivateKey = ec.EllipticCurvePrivateKey
 
@@ -112,6 +127,10 @@ class CertificateAuthority:
     @property
     def intermediate_path(self) -> Path:
         return self.directory / INTERMEDIATE_CERT
+
+    @property
+    def revoked_path(self) -> Path:
+        return self.directory / REVOKED
 
     def sign_csr(
         self,
@@ -190,6 +209,44 @@ class CertificateAuthority:
         update, so whoever serves this CRL must renew it before then.
         """
         last_update = last_update or _now()
+        revoked = dict.fromkeys(revoked_serials, last_update)
+        return self._sign_crl(revoked, last_update, next_update)
+
+    def revoke(self, serials: Iterable[int]) -> list[int]:
+        """Record ``serials`` as revoked from now on; return the new ones.
+
+        :meth:`recorded_crl` lists every serial recorded here, so a CRL
+        made later, to replace one past its next update, keeps them.
+        """
+        checked = [check_serial(serial) for serial in serials]
+        if not checked:
+            return []
+
+        new = _record_revocations(self.revoked_path, checked)
+        for serial in new:
+            logger.info("serial %x revoked", serial)
+        return new
+
+    def revocations(self) -> dict[int, datetime.datetime]:
+        """Every serial :meth:`revoke` recorded, with when it was revoked."""
+        try:
+            data = read_small_file(self.revoked_path, "a revocation list")
+        except FileNotFoundError:
+            return {}
+        return _parse_revocations(self.revoked_path, data)
+
+    def recorded_crl(
+        self, next_update: datetime.timedelta = datetime.timedelta(days=1)
+    ) -> bytes:
+        """A PEM CRL of the intermediate listing every recorded serial."""
+        return self._sign_crl(self.revocations(), _now(), next_update)
+
+    def _sign_crl(
+        self,
+        revoked: Mapping[int, datetime.datetime],
+        last_update: datetime.datetime,
+        next_update: datetime.timedelta,
+    ) -> bytes:
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.intermediate.subject)
@@ -198,11 +255,11 @@ class CertificateAuthority:
             .add_extension(x509.CRLNumber(_crl_number()), critical=False)
             .add_extension(self._intermediate_aki(), critical=False)
         )
-        for serial in revoked_serials:
+        for serial, revoked_at in revoked.items():
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
                 .serial_number(serial)
-                .revocation_date(last_update)
+                .revocation_date(revoked_at)
                 .build()
             )
 
@@ -327,6 +384,61 @@ def check_days(days: int) -> int:
     return days
 
 
+def check_serial(serial: int) -> int:
+    """The serial unchanged if a CRL can list it; CAError if not."""
+    if not 0 < serial < 1 << MAX_SERIAL_BITS:
+        raise CAError(
+            f"serial {serial:x} is not a certificate serial: one is "
+            f"positive and at most {MAX_SERIAL_BITS} bits long"
+        )
+    return serial
+
+
+def check_server_names(names: Sequence[str]) -> list[str]:
+    """Host names and IP addresses for a server certificate, checked.
+
+    Each comes back as the certificate carries it (see
+    :func:`check_server_name`), duplicates dropped; the first becomes
+    the common name, which must fit its 64 bytes.
+    """
+    checked = list(dict.fromkeys(check_server_name(n) for n in names))
+    if not checked:
+        raise CAError("a server certificate needs at least one name")
+    if len(checked[0]) > MAX_NAME_BYTES:
+        raise CAError(
+            f"the first name becomes the common name, which holds at most "
+            f"{MAX_NAME_BYTES} bytes: {checked[0][:20]}... does not fit; "
+            "give a shorter name first"
+        )
+    return checked
+
+
+def check_server_name(name: str) -> str:
+    """A host name or IP address as a certificate carries it.
+
+    An IP address comes back in its short form, a host name in Unicode
+    as its IDNA A-labels, without a final dot. A leading ``*.`` is kept
+    as a wildcard. Anything else raises CAError.
+    """
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+
+    wildcard = "*." if name.startswith("*.") else ""
+    host = name.removeprefix(wildcard).removesuffix(".")
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_host = ""
+    labels = ascii_host.split(".")
+    if len(ascii_host) > MAX_HOST_NAME or not all(
+        _LABEL.fullmatch(label) for label in labels
+    ):
+        raise CAError(f"{name!r} is not a host name or IP address")
+    return wildcard + ascii_host
+
+
 def read_small_file(path: Path, what: str) -> bytes:
     """The bytes of a regular file of at most MAX_FILE_BYTES.
 
@@ -367,6 +479,76 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def write_files(
+    files: Sequence[tuple[Path, bytes, int]],
+    *,
+    replace: bool = False,
+    group: int | None = None,
+) -> None:
+    """Write each (path, data, mode) whole: all of the files or none.
+
+    Each file is written beside its path and renamed into place, so
+    readers see the old content or the new, never a part. Without
+    ``replace`` a path that exists is refused, even one that appeared
+    since the caller looked. ``group`` becomes the group of the files.
+    """
+    partials: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, data, mode in files:
+            partials.append((_write_partial(path, data, mode, group), path))
+        for partial, path in partials:
+            _place(partial, path, replace)
+            placed.append(path)
+    except BaseException:
+        for partial, _ in partials:
+            partial.unlink(missing_ok=True)
+        if not replace:
+            for path in placed:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _write_partial(
+    path: Path, data: bytes, mode: int, group: int | None
+) -> Path:
+    # mkstemp makes a new file of its own (0600), so nothing it meets on
+    # the way is written through, and a key is never readable by others.
+    try:
+        fd, name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".partial", dir=path.parent
+        )
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            if group is not None:
+                os.fchown(file.fileno(), -1, group)
+            os.fchmod(file.fileno(), mode)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+    return partial
+
+
+def _place(partial: Path, path: Path, replace: bool) -> None:
+    try:
+        if replace:
+            os.replace(partial, path)
+            return
+        # A hard link fails where a file exists, where a rename would
+        # replace it.
+        os.link(partial, path)
+        partial.unlink()
+    except FileExistsError:
+        raise CAError(f"{path} exists already") from None
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _ca_builder(
@@ -526,6 +708,72 @@ def _read_key(path: Path) -> CAPrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CAError(f"{path}: not an EC key")
     return key
+
+
+def _parse_revocations(
+    path: Path, data: bytes
+) -> dict[int, datetime.datetime]:
+    # A line being appended is left out until its newline is written.
+    complete, _, _ = data.rpartition(b"\n")
+    lines = complete.decode(errors="replace").split("\n")
+
+    revoked: dict[int, datetime.datetime] = {}
+    for number, line in enumerate(lines, 1):
+        if line and not line.startswith("#"):
+            serial, when = _parse_revocation(line, f"{path}, line {number}")
+            revoked.setdefault(serial, when)
+    return revoked
+
+
+def _parse_revocation(line: str, where: str) -> tuple[int, datetime.datetime]:
+    serial_hex, _, text = line.partition(" ")
+    try:
+        serial = check_serial(int(serial_hex, 16))
+        when = datetime.datetime.strptime(text, _TIME_FORMAT)
+    except (ValueError, CAError):
+        raise CAError(
+            f"{where}: {line[:40]!r} is not 'SERIAL_HEX YYYY-MM-DDTHH:MM:SSZ'"
+        ) from None
+    return serial, when.replace(tzinfo=datetime.UTC)
+
+
+def _record_revocations(path: Path, serials: Sequence[int]) -> list[int]:
+    """Append to ``path`` the serials it lacks; return those.
+
+    A lock keeps two revocations at once from both recording a serial;
+    readers take no lock, and see only whole lines.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+
+    with os.fdopen(fd, "r+b") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CAError(f"{path}: not a regular file")
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        data = file.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise CAError(f"{path}: too large for a revocation list")
+        known = _parse_revocations(path, data)
+        new = [s for s in dict.fromkeys(serials) if s not in known]
+        if not new:
+            return []
+
+        # A line cut short by a crash gets a line of its own, where the
+        # parser names it, rather than running into ours.
+        text = "" if data.endswith(b"\n") or not data else "\n"
+        when = _now().strftime(_TIME_FORMAT)
+        text += "".join(f"{serial:x} {when}\n" for serial in new)
+        try:
+            file.write(text.encode())
+            file.flush()
+            os.fsync(fd)
+        except OSError as exc:
+            raise CAError(f"{path}: {exc.strerror or exc}") from None
+    return new
 
 
 def _make_private_dir(directory: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from device_agent.cli import edge
+from firmware_sim.cli_broker import broker
 from firmware_sim.cli_ca import ca
 from firmware_sim.cli_demo import demo
 from firmware_sim.cli_registrar import registrar
@@ -28,6 +29,7 @@ def main(verbose: bool, debug: bool) -> None:
     )
 
 
+main.add_command(broker)
 main.add_command(ca)
 main.add_command(demo)
 main.add_command(registrar)

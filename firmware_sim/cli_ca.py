@@ -1,12 +1,12 @@
-"""The ``firmware-sim ca`` commands: create the factory CA, sign CSRs."""
+"""The ``firmware-sim ca`` commands: create the CA, issue, revoke."""
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import logging
 import os
 import stat
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -15,9 +15,14 @@ from cryptography import x509
 from firmware_sim.ca import (
     CA_FILES,
     MAX_DAYS,
+    REVOKED,
     CertificateAuthority,
     chain_pem,
+    check_serial,
+    check_server_names,
+    key_pem,
     read_small_file,
+    write_files,
 )
 from firmware_sim.errors import CAError
 from firmware_sim.params import (
@@ -39,6 +44,45 @@ _CA_DIR = click.option(
     help="Directory of the CA's certificates and keys.",
 )
 _DAYS = click.IntRange(1, MAX_DAYS)
+_OUT = NonEmptyPath(path_type=Path, dir_okay=False)
+
+# mosquitto refuses every leaf of an issuer whose CRL is past its next
+# update; a month leaves time to notice that a new one is due.
+CRL_DAYS = 30
+
+
+def server_names(
+    ctx: click.Context, param: click.Parameter, value: Sequence[str]
+) -> list[str]:
+    """Click callback: names a server certificate can carry, checked."""
+    if not value:
+        return []
+    try:
+        return check_server_names(value)
+    except CAError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _serials(
+    ctx: click.Context, param: click.Parameter, value: Sequence[str]
+) -> list[int]:
+    return [_serial(text, ctx, param) for text in value]
+
+
+def _serial(text: str, ctx: click.Context, param: click.Parameter) -> int:
+    # As 'ca sign' prints it, or as openssl does: 0x-prefixed, with colons.
+    digits = text.strip().lower().removeprefix("0x").replace(":", "")
+    not_hex = click.BadParameter(
+        f"{text!r} is not a serial in hex", ctx, param
+    )
+    if not (digits.isascii() and digits.isalnum()):
+        raise not_hex
+    try:
+        return check_serial(int(digits, 16))
+    except ValueError:
+        raise not_hex from None
+    except CAError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 @click.group()
@@ -70,12 +114,123 @@ def init(directory: Path, name: str, days: int) -> None:
 @_CA_DIR
 def sign(csr_file: Path, out: Path, days: int, directory: Path) -> None:
     """Sign a CSR (PEM or DER) as a client certificate."""
-    _check_out(out, csr_file, directory)
+    _check_out(out, directory, inputs={csr_file: "the CSR file"})
 
     authority = CertificateAuthority.load(directory)
     chain = authority.sign_csr(_read_csr(csr_file), days)
-    _write_replacing(out, chain_pem(chain))
+    write_files([(out, chain_pem(chain), 0o644)], replace=True)
     click.echo(f"serial {chain[0].serial_number:x} -> {out}")
+
+
+@ca.command(name="server-cert")
+@_CA_DIR
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    required=True,
+    callback=server_names,
+    metavar="HOST",
+    help="DNS name or IP address clients reach the server by; repeat "
+    "for more. The first is also the common name.",
+)
+@click.option(
+    "--out-cert",
+    type=_OUT,
+    required=True,
+    help="Where to write the leaf and the intermediate, as PEM.",
+)
+@click.option(
+    "--out-key",
+    type=_OUT,
+    required=True,
+    help="Where to write the new P-256 key (mode 0600).",
+)
+@click.option("--days", type=_DAYS, default=365, show_default=True)
+@click.option(
+    "--force", is_flag=True, help="Replace --out-cert and --out-key."
+)
+def server_cert(
+    directory: Path,
+    names: list[str],
+    out_cert: Path,
+    out_key: Path,
+    days: int,
+    force: bool,
+) -> None:
+    """Issue a serverAuth certificate and a new key, for a broker.
+
+    Refuses to replace files that exist, unless --force.
+    """
+    _check_out(out_cert, directory, "--out-cert", replace=force)
+    _check_out(out_key, directory, "--out-key", replace=force)
+    if _real(out_cert) == _real(out_key):
+        raise click.BadParameter(
+            f"{out_key} is --out-cert too; the key needs a file of its own",
+            param_hint="--out-key",
+        )
+
+    authority = CertificateAuthority.load(directory)
+    chain, key = authority.issue_server_cert(names, days)
+    write_files(
+        [(out_key, key_pem(key), 0o600), (out_cert, chain_pem(chain), 0o644)],
+        replace=force,
+    )
+
+    leaf = chain[0]
+    click.echo(
+        f"serial {leaf.serial_number:x} for {', '.join(names)}, valid "
+        f"until {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    )
+    click.echo(f"certificate and intermediate: {out_cert}")
+    click.echo(f"key (mode 0600): {out_key}")
+
+
+@ca.command()
+@_CA_DIR
+@click.option(
+    "--out",
+    type=_OUT,
+    required=True,
+    help="Where to write the CRL, as PEM; a regular file is replaced.",
+)
+@click.option(
+    "--revoke",
+    "serials",
+    multiple=True,
+    callback=_serials,
+    metavar="SERIAL_HEX",
+    help="Revoke the certificate of this serial; repeat for more.",
+)
+@click.option(
+    "--days",
+    type=_DAYS,
+    default=CRL_DAYS,
+    show_default=True,
+    help="Days until the CRL's next update.",
+)
+def crl(directory: Path, out: Path, serials: list[int], days: int) -> None:
+    """Write the intermediate's CRL, with every serial revoked so far.
+
+    Revocations are recorded in the CA directory (revoked.txt), so every
+    later CRL lists them too. Past its next update the CRL makes
+    mosquitto refuse every certificate of this CA: write a new one
+    before then. mosquitto's crlfile needs the CRL of every CA whose
+    certificates it accepts; 'firmware-sim broker files' and 'broker
+    crl' write that file.
+    """
+    _check_out(out, directory)
+
+    authority = CertificateAuthority.load(directory)
+    authority.revoke(serials)
+    pem = authority.recorded_crl(datetime.timedelta(days=days))
+    write_files([(out, pem, 0o644)], replace=True)
+
+    made = x509.load_pem_x509_crl(pem)
+    click.echo(
+        f"{len(made)} revoked, next update "
+        f"{made.next_update_utc:%Y-%m-%d %H:%M} UTC -> {out}"
+    )
 
 
 def _read_csr(path: Path) -> x509.CertificateSigningRequest:
@@ -92,11 +247,22 @@ def _read_csr(path: Path) -> x509.CertificateSigningRequest:
         raise CAError(f"{path}: not a PEM or DER CSR") from None
 
 
-def _check_out(out: Path, csr_file: Path, directory: Path) -> None:
-    """Refuse an --out that cannot be written or must not be replaced."""
+def _check_out(
+    out: Path,
+    directory: Path,
+    option: str = "--out",
+    *,
+    inputs: dict[Path, str] | None = None,
+    replace: bool = True,
+) -> None:
+    """Refuse an output that cannot be written or must not be replaced.
+
+    ``inputs`` maps the command's input files to how to name them;
+    without ``replace`` a file that exists is refused too.
+    """
 
     def refuse(problem: str) -> click.BadParameter:
-        return click.BadParameter(problem, param_hint="--out")
+        return click.BadParameter(problem, param_hint=option)
 
     parent = out.parent
     if not os.path.lexists(parent):
@@ -115,11 +281,14 @@ def _check_out(out: Path, csr_file: Path, directory: Path) -> None:
     # symlink stays what it is.
     if not stat.S_ISREG(info.st_mode):
         raise refuse(f"{out} is not a regular file; it is left alone")
-    if _same_file(out, csr_file):
-        raise refuse(f"{out} is the CSR file; the chain would replace it")
-    for name in CA_FILES:
+    for path, what in (inputs or {}).items():
+        if _same_file(out, path):
+            raise refuse(f"{out} is {what}; the output would replace it")
+    for name in (*CA_FILES, REVOKED):
         if _same_file(out, directory / name):
             raise refuse(f"{out} is the CA's {name}; it is left alone")
+    if not replace:
+        raise refuse(f"{out} exists; --force replaces it")
 
 
 def _same_file(first: Path, second: Path) -> bool:
@@ -129,23 +298,5 @@ def _same_file(first: Path, second: Path) -> bool:
         return False
 
 
-def _write_replacing(path: Path, data: bytes) -> None:
-    # Readers see the old chain or the new one, never half of either.
-    # mkstemp makes a new file of its own, so nothing it meets on the
-    # way is written through.
-    try:
-        fd, partial = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".partial", dir=path.parent
-        )
-    except OSError as exc:
-        raise CAError(f"{path}: {exc.strerror or exc}") from None
-
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            os.fchmod(file.fileno(), 0o644)
-        os.replace(partial, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise CAError(f"{path}: {exc.strerror or exc}") from None
+def _real(path: Path) -> Path:
+    return path.parent.resolve() / path.name

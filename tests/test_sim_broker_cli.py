@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -298,6 +299,46 @@ def test_crl_revokes_and_later_crls_keep_the_revocations(tmp_path, factory_ca):
     lifetime = crl.next_update_utc - crl.last_update_utc
     assert lifetime.days == 7
     assert sorted(factory_ca.revocations()) == [0xFF, 0x1A2B]
+
+
+def test_crl_names_a_bad_line_of_the_revocation_record(tmp_path, factory_ca):
+    factory_ca.revoked_path.write_text(
+        "# edited by hand\nab 2026-01-01T00:00:00Z\nab yesterday\n"
+    )
+
+    result = _crl(factory_ca, tmp_path / "crl.pem")
+
+    _assert_refused(result, "revoked.txt, line 3")
+    assert not (tmp_path / "crl.pem").exists()
+
+
+def test_a_revocation_being_written_is_left_out_until_whole(factory_ca):
+    factory_ca.revoked_path.write_text("ab 2026-01-01T00:00:00Z\ncd 2026")
+
+    assert list(factory_ca.revocations()) == [0xAB]
+
+
+def test_revocations_at_once_are_each_recorded_once(factory_ca):
+    start = threading.Barrier(16)
+
+    def revoke(serial):
+        start.wait()
+        factory_ca.revoke([0x5EED, serial])
+
+    threads = [
+        threading.Thread(target=revoke, args=(serial,))
+        for serial in range(1, 17)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    lines = factory_ca.revoked_path.read_text().splitlines()
+    assert sorted(int(line.split()[0], 16) for line in lines) == [
+        *range(1, 17),
+        0x5EED,
+    ]
 
 
 CRL_REFUSALS = {
