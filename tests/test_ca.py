@@ -6,8 +6,6 @@ import os
 import stat
 
 import pytest
-from click.testing import CliRunner
-from conftest import edge_command
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,8 +15,8 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+from sim_cli import assert_refused, invoke, tree
 
-from firmware_sim import cli
 from firmware_sim.ca import MAX_DAYS, CertificateAuthority
 from firmware_sim.errors import CAError
 
@@ -312,14 +310,10 @@ def test_cli_init_and_sign(tmp_path):
     csr_file = tmp_path / "device.csr"
     csr_file.write_bytes(make_csr().public_bytes(serialization.Encoding.PEM))
     out = tmp_path / "chain.pem"
-    runner = CliRunner()
 
-    init = runner.invoke(
-        edge_command(cli.run), ["ca", "init", "--dir", str(ca_dir)]
-    )
+    init = invoke(["ca", "init", "--dir", str(ca_dir)])
     assert init.exit_code == 0, init.output
-    signed = runner.invoke(
-        edge_command(cli.run),
+    signed = invoke(
         ["ca", "sign", str(csr_file), "--out", str(out), "--dir", str(ca_dir)],
     )
     assert signed.exit_code == 0, signed.output
@@ -331,17 +325,13 @@ def test_cli_init_and_sign(tmp_path):
 
 
 def test_cli_refusals_are_one_line(tmp_path):
-    runner = CliRunner()
     ca_dir = str(tmp_path / "ca")
-    runner.invoke(edge_command(cli.run), ["ca", "init", "--dir", ca_dir])
+    invoke(["ca", "init", "--dir", ca_dir])
     not_a_csr = tmp_path / "junk.csr"
     not_a_csr.write_bytes(b"junk")
 
-    again = runner.invoke(
-        edge_command(cli.run), ["ca", "init", "--dir", ca_dir]
-    )
-    junk = runner.invoke(
-        edge_command(cli.run),
+    again = invoke(["ca", "init", "--dir", ca_dir])
+    junk = invoke(
         ["ca", "sign", str(not_a_csr), "--out", "x", "--dir", ca_dir],
     )
 
@@ -356,8 +346,7 @@ def test_cli_refusals_are_one_line(tmp_path):
 
 def test_cli_debug_shows_the_exception(tmp_path):
     ca_dir = str(tmp_path / "none")
-    result = CliRunner().invoke(
-        edge_command(cli.run),
+    result = invoke(
         ["--debug", "ca", "sign", "x.csr", "--out", "y", "--dir", ca_dir],
     )
 
@@ -458,12 +447,12 @@ INIT_REFUSALS = {
 def test_cli_init_refuses_bad_input_in_one_line(tmp_path, args, named):
     (tmp_path / "file").write_text("x")
     args = [arg.format(tmp=tmp_path) for arg in args]
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
 
-    result = _invoke(["ca", "init", "--dir", str(tmp_path / "ca"), *args])
+    result = invoke(["ca", "init", "--dir", str(tmp_path / "ca"), *args])
 
-    _assert_refused(result, named)
-    assert _tree(tmp_path) == before
+    assert_refused(result, named)
+    assert tree(tmp_path) == before
 
 
 @pytest.fixture
@@ -515,12 +504,12 @@ def test_cli_sign_refuses_bad_input_in_one_line(signing, args, named):
     argv = ["ca", "sign", options.pop("--csr")]
     for option, value in options.items():
         argv += [option, value]
-    before = _tree(signing)
+    before = tree(signing)
 
-    result = _invoke([arg.format(tmp=signing) for arg in argv])
+    result = invoke([arg.format(tmp=signing) for arg in argv])
 
-    _assert_refused(result, named)
-    assert _tree(signing) == before
+    assert_refused(result, named)
+    assert tree(signing) == before
 
 
 def test_cli_sign_leaves_a_device_node_alone(signing):
@@ -532,7 +521,7 @@ def test_cli_sign_leaves_a_device_node_alone(signing):
 
     result = _sign(signing, device)
 
-    _assert_refused(result, "full")
+    assert_refused(result, "full")
     assert stat.S_ISCHR(device.lstat().st_mode)
 
 
@@ -550,34 +539,4 @@ def test_cli_sign_replaces_a_regular_file_whole(signing):
 def _sign(directory, out):
     csr_file = str(directory / "device.csr")
     ca_dir = str(directory / "ca")
-    return _invoke(
-        ["ca", "sign", csr_file, "--out", str(out), "--dir", ca_dir]
-    )
-
-
-def _invoke(argv):
-    return CliRunner().invoke(edge_command(cli.run), argv)
-
-
-def _assert_refused(result, named):
-    assert result.exit_code in (1, 2), result.output
-    assert result.output.count("\n") == 1, result.output
-    assert result.output.startswith("error: ")
-    assert named in result.output
-    assert "internal error" not in result.output
-    assert "Traceback" not in result.output
-
-
-def _tree(root):
-    """Every path under root with its type, mode and content or target."""
-    tree = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        if stat.S_ISLNK(info.st_mode):
-            what = os.readlink(path)
-        elif stat.S_ISREG(info.st_mode):
-            what = path.read_bytes()
-        else:
-            what = None
-        tree[str(path.relative_to(root))] = (info.st_mode, what)
-    return tree
+    return invoke(["ca", "sign", csr_file, "--out", str(out), "--dir", ca_dir])

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import PORT_ATTEMPTS, Identity, edge_command
+from conftest import PORT_ATTEMPTS, Identity
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from sim_cli import assert_refused, invoke, tree
 
-from firmware_sim import cli, registrar
+from firmware_sim import registrar
 from firmware_sim.ca import CertificateAuthority
 from tpm_simulator.ports import free_port, port_is_free
 
@@ -40,7 +40,7 @@ REVOKED_ALERT = "SSLV3_ALERT_CERTIFICATE_REVOKED"
 def registrar_dir(tmp_path):
     """A registrar directory made by 'registrar init'."""
     directory = tmp_path / "registrar"
-    result = _invoke(["registrar", "init", "--dir", str(directory)])
+    result = invoke(["registrar", "init", "--dir", str(directory)])
     assert result.exit_code == 0, result.output
     return directory
 
@@ -69,7 +69,7 @@ def files_for(factory_ca, registrar_dir):
     """Run 'broker files' into a directory with the CAs of the test."""
 
     def files(directory, *args):
-        return _invoke(
+        return invoke(
             [
                 "broker", "files",
                 "--dir", str(directory),
@@ -212,15 +212,15 @@ def test_server_cert_replaces_files_only_when_forced(tmp_path, factory_ca):
     key_file = tmp_path / "server.key"
     out = ["--out-cert", str(cert_file), "--out-key", str(key_file)]
     first = _server_cert(factory_ca, "--name", "a.example", *out)
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
 
     again = _server_cert(factory_ca, "--name", "a.example", *out)
     forced = _server_cert(factory_ca, "--name", "b.example", *out, "--force")
 
     assert first.exit_code == 0, first.output
-    _assert_refused(again, "--force")
+    assert_refused(again, "--force")
     assert forced.exit_code == 0, forced.output
-    assert _tree(tmp_path) != before
+    assert tree(tmp_path) != before
     leaf = x509.load_pem_x509_certificate(cert_file.read_bytes())
     assert "b.example" in leaf.subject.rfc4514_string()
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -275,12 +275,12 @@ def test_server_cert_refuses_bad_input_in_one_line(signing, args, named):
     argv = ["ca", "server-cert", *flags]
     for option, value in options.items():
         argv += [option, value.format(tmp=signing)]
-    before = _tree(signing)
+    before = tree(signing)
 
-    result = _invoke(argv)
+    result = invoke(argv)
 
-    _assert_refused(result, named)
-    assert _tree(signing) == before
+    assert_refused(result, named)
+    assert tree(signing) == before
 
 
 def test_crl_revokes_and_later_crls_keep_the_revocations(tmp_path, factory_ca):
@@ -308,7 +308,7 @@ def test_crl_names_a_bad_line_of_the_revocation_record(tmp_path, factory_ca):
 
     result = _crl(factory_ca, tmp_path / "crl.pem")
 
-    _assert_refused(result, "revoked.txt, line 3")
+    assert_refused(result, "revoked.txt, line 3")
     assert not (tmp_path / "crl.pem").exists()
 
 
@@ -370,12 +370,12 @@ def test_crl_refuses_bad_input_in_one_line(signing, factory_ca, args, named):
     argv = ["ca", "crl"]
     for option, value in options.items():
         argv += [option, value.format(tmp=signing)]
-    before = _tree(signing)
+    before = tree(signing)
 
-    result = _invoke(argv)
+    result = invoke(argv)
 
-    _assert_refused(result, named)
-    assert _tree(signing) == before
+    assert_refused(result, named)
+    assert tree(signing) == before
 
 
 def test_broker_files_hold_both_roots_both_crls_and_the_acl(
@@ -449,17 +449,17 @@ def test_broker_files_are_for_mosquittos_group_alone_when_root(
 
 def test_broker_files_replace_files_only_when_forced(broker_dir, files_for):
     first = files_for(broker_dir)
-    before = _tree(broker_dir)
+    before = tree(broker_dir)
 
     again = files_for(broker_dir)
-    unchanged = _tree(broker_dir)
+    unchanged = tree(broker_dir)
     forced = files_for(broker_dir, "--force")
 
     assert first.exit_code == 0, first.output
-    _assert_refused(again, "--force")
+    assert_refused(again, "--force")
     assert unchanged == before
     assert forced.exit_code == 0, forced.output
-    assert _tree(broker_dir) != before
+    assert tree(broker_dir) != before
 
 
 BROKER_FILES_REFUSALS = {
@@ -490,13 +490,13 @@ def test_broker_files_refuse_bad_input_in_one_line(
     tmp_path, broker_dir, files_for, args, named
 ):
     (tmp_path / "file").write_text("x")
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
 
     result = files_for(broker_dir, *[a.format(tmp=tmp_path) for a in args])
 
-    _assert_refused(result, named)
+    assert_refused(result, named)
     assert not broker_dir.exists()
-    assert _tree(tmp_path) == before
+    assert tree(tmp_path) == before
 
 
 def test_broker_files_leave_a_directory_in_a_file_place_alone(
@@ -506,7 +506,7 @@ def test_broker_files_leave_a_directory_in_a_file_place_alone(
 
     result = files_for(broker_dir, "--force")
 
-    _assert_refused(result, "server.key")
+    assert_refused(result, "server.key")
     assert [p.name for p in broker_dir.iterdir()] == ["server.key"]
 
 
@@ -519,7 +519,7 @@ def test_broker_files_explain_a_directory_mosquitto_cannot_enter(
 
     result = files_for(tmp_path / "broker")
 
-    _assert_refused(result, "cannot enter")
+    assert_refused(result, "cannot enter")
     assert not (tmp_path / "broker").exists()
 
 
@@ -590,7 +590,7 @@ def test_a_revoked_device_is_refused_after_broker_crl_and_sighup(
     revoke = _crl(
         factory_ca, tmp_path / "f.crl", "--revoke", f"{revoked.serial:x}"
     )
-    renew = _invoke(
+    renew = invoke(
         [
             "broker", "crl",
             "--dir", str(broker_dir),
@@ -621,15 +621,15 @@ def test_broker_run_ends_on_sigterm_and_leaves_nothing_running(served):
 
 
 def test_broker_run_without_files_says_what_to_run(broker_dir):
-    result = _invoke(["broker", "run", "--dir", str(broker_dir)])
+    result = invoke(["broker", "run", "--dir", str(broker_dir)])
 
-    _assert_refused(result, "broker files")
+    assert_refused(result, "broker files")
 
 
 def test_broker_crl_without_files_says_what_to_run(
     broker_dir, factory_ca, registrar_dir
 ):
-    result = _invoke(
+    result = invoke(
         [
             "broker", "crl",
             "--dir", str(broker_dir),
@@ -638,16 +638,16 @@ def test_broker_crl_without_files_says_what_to_run(
         ]
     )  # fmt: skip
 
-    _assert_refused(result, "broker files")
+    assert_refused(result, "broker files")
     assert not broker_dir.exists()
 
 
 def _server_cert(ca, *args):
-    return _invoke(["ca", "server-cert", "--dir", str(ca.directory), *args])
+    return invoke(["ca", "server-cert", "--dir", str(ca.directory), *args])
 
 
 def _crl(ca, out, *args):
-    return _invoke(
+    return invoke(
         ["ca", "crl", "--dir", str(ca.directory), "--out", str(out), *args]
     )
 
@@ -660,31 +660,3 @@ def _crls(pem):
         for block in pem.split(end)
         if block.strip()
     ]
-
-
-def _invoke(argv):
-    return CliRunner().invoke(edge_command(cli.run), argv)
-
-
-def _assert_refused(result, named):
-    assert result.exit_code in (1, 2), result.output
-    assert result.output.count("\n") == 1, result.output
-    assert result.output.startswith("error: ")
-    assert named in result.output
-    assert "internal error" not in result.output
-    assert "Traceback" not in result.output
-
-
-def _tree(root):
-    """Every path under root with its type, mode and content or target."""
-    tree = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        if stat.S_ISLNK(info.st_mode):
-            what = os.readlink(path)
-        elif stat.S_ISREG(info.st_mode):
-            what = path.read_bytes()
-        else:
-            what = None
-        tree[str(path.relative_to(root))] = (info.st_mode, what)
-    return tree

@@ -3,17 +3,13 @@
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import edge_command
-
-from firmware_sim import cli
+from sim_cli import assert_refused, invoke, tree
 
 DEMO_DIR = re.compile(r"trust anchor (/tmp/device-agent-demo-[^/\s]+)/")
 BROKER_STARTED_WITHIN = 90
@@ -23,9 +19,9 @@ BROKER_STARTED_WITHIN = 90
 def registrar_dir(tmp_path_factory):
     """A registrar directory made by 'registrar init', with one device."""
     directory = tmp_path_factory.mktemp("registrar") / "registrar"
-    init = _invoke(["registrar", "init", "--dir", str(directory)])
+    init = invoke(["registrar", "init", "--dir", str(directory)])
     assert init.exit_code == 0, init.output
-    added = _invoke(["registrar", "add", "dev-1", "--dir", str(directory)])
+    added = invoke(["registrar", "add", "dev-1", "--dir", str(directory)])
     assert added.exit_code == 0, added.output
     return directory
 
@@ -46,14 +42,14 @@ INIT_REFUSALS = {
 def test_registrar_init_refuses_bad_input_in_one_line(tmp_path, args, named):
     (tmp_path / "file").write_text("x")
     args = [arg.format(tmp=tmp_path) for arg in args]
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
 
-    result = _invoke(
+    result = invoke(
         ["registrar", "init", "--dir", str(tmp_path / "reg"), *args]
     )
 
-    _assert_refused(result, named)
-    assert _tree(tmp_path) == before
+    assert_refused(result, named)
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -66,12 +62,12 @@ def test_registrar_init_refuses_a_directory_where_a_file_belongs(
     directory = tmp_path / "reg"
     directory.mkdir()
     (directory / name).mkdir()
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
 
-    result = _invoke(["registrar", "init", "--dir", str(directory)])
+    result = invoke(["registrar", "init", "--dir", str(directory)])
 
-    _assert_refused(result, name)
-    assert _tree(tmp_path) == before
+    assert_refused(result, name)
+    assert tree(tmp_path) == before
 
 
 SERIAL_REFUSALS = {
@@ -87,29 +83,29 @@ SERIAL_REFUSALS = {
     "serial", SERIAL_REFUSALS.values(), ids=SERIAL_REFUSALS.keys()
 )
 def test_registrar_add_refuses_a_bad_serial(registrar_dir, serial):
-    before = _invoke(["registrar", "list", "--dir", str(registrar_dir)])
+    before = invoke(["registrar", "list", "--dir", str(registrar_dir)])
 
     directory = str(registrar_dir)
 
-    result = _invoke(
+    result = invoke(
         ["registrar", "add", "dev-2", "--serial", serial, "--dir", directory]
     )
 
-    _assert_refused(result, "--serial")
-    after = _invoke(["registrar", "list", "--dir", str(registrar_dir)])
+    assert_refused(result, "--serial")
+    after = invoke(["registrar", "list", "--dir", str(registrar_dir)])
     assert after.output == before.output
 
 
 def test_registrar_add_takes_a_serial_of_64_characters(tmp_path):
     directory = str(tmp_path / "reg")
-    assert _invoke(["registrar", "init", "--dir", directory]).exit_code == 0
+    assert invoke(["registrar", "init", "--dir", directory]).exit_code == 0
 
-    result = _invoke(
+    result = invoke(
         ["registrar", "add", "dev-9", "--serial", "S" * 64, "--dir", directory]
     )
 
     assert result.exit_code == 0, result.output
-    listed = _invoke(["registrar", "list", "--dir", directory])
+    listed = invoke(["registrar", "list", "--dir", directory])
     assert f"serial={'S' * 64}" in listed.output
 
 
@@ -121,9 +117,9 @@ def test_registrar_device_commands_refuse_a_bad_dir(
     (tmp_path / "file").write_text("x")
     directory = directory.format(tmp=tmp_path)
 
-    result = _invoke(["registrar", command, "dev-1", "--dir", directory])
+    result = invoke(["registrar", command, "dev-1", "--dir", directory])
 
-    _assert_refused(result, "--dir")
+    assert_refused(result, "--dir")
 
 
 RUN_REFUSALS = {
@@ -162,9 +158,9 @@ def test_registrar_run_refuses_bad_input_before_connecting(
     for option, value in options.items():
         argv += [option, value.format(tmp=tmp_path)]
 
-    result = _invoke(argv)
+    result = invoke(argv)
 
-    _assert_refused(result, named)
+    assert_refused(result, named)
     assert result.exit_code == 2
 
 
@@ -186,14 +182,14 @@ def test_demo_refuses_bad_input_before_starting_anything(
     (tmp_path / "file").write_text("x")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     args = [arg.format(tmp=tmp_path) for arg in args]
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
 
     started = time.monotonic()
-    result = _invoke(["demo", "--key-store", "software", *args])
+    result = invoke(["demo", "--key-store", "software", *args])
 
-    _assert_refused(result, named)
+    assert_refused(result, named)
     assert time.monotonic() - started < 5
-    assert _tree(tmp_path) == before
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("key_store", ["software", "tpm"])
@@ -304,31 +300,3 @@ def _alive(pid):
     except OSError:
         return False
     return text.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def _invoke(argv):
-    return CliRunner().invoke(edge_command(cli.run), argv)
-
-
-def _assert_refused(result, named):
-    assert result.exit_code in (1, 2), result.output
-    assert result.output.count("\n") == 1, result.output
-    assert result.output.startswith("error: ")
-    assert named in result.output
-    assert "internal error" not in result.output
-    assert "Traceback" not in result.output
-
-
-def _tree(root):
-    """Every path under root with its type, mode and content or target."""
-    tree = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        if stat.S_ISLNK(info.st_mode):
-            what = os.readlink(path)
-        elif stat.S_ISREG(info.st_mode):
-            what = path.read_bytes()
-        else:
-            what = None
-        tree[str(path.relative_to(root))] = (info.st_mode, what)
-    return tree
