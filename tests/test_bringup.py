@@ -421,3 +421,18 @@ def test_an_install_interrupted_after_writing_the_chain_can_be_finished(
     report = device.run("status", "--json").out
     assert '"pending_generation": null' in report
     assert '"state": "valid"' in report
+
+
+def test_mqtt_3_1_1_by_option(tmp_path, factory_ca, broker_factory):
+    broker = broker_factory()
+    device = Device(tmp_path, None)
+    device.init(broker.port, factory_ca.root_path)
+    device.enroll(factory_ca)
+    device.configure(mqtt_version="3.1.1")
+    topic = f"devices/{device.id}/old"
+    result = device.run(
+        "connect", "--subscribe", topic, "--publish", topic, "v4",
+        "--count", "1", "--timeout", "10",
+    )  # fmt: skip
+    assert f"{topic} v4" in result.out
+    assert "(p2, " in broker.log_text()  # MQTT 3.1.1 in mosquitto's log
