@@ -15,11 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from device_agent.session import Session
 from device_agent.tls import client_context
 from firmware_sim import registrar
@@ -204,20 +199,12 @@ class Demo:
 
     def _make_monitor(self, operational: CertificateAuthority) -> None:
         """A back-end client that may read every device's heartbeat."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MONITOR)])
-        request = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(name)
-            .sign(key, hashes.SHA256())
-        )
+        chain, key = operational.issue_client_cert(MONITOR, days=1)
         directory = self.workdir / "monitor"
         directory.mkdir(mode=0o700)
         self.monitor_chain = directory / "chain.pem"
         self.monitor_key = directory / "key.pem"
-        self.monitor_chain.write_bytes(
-            chain_pem(operational.sign_csr(request, days=1))
-        )
+        self.monitor_chain.write_bytes(chain_pem(chain))
         self.monitor_key.write_bytes(key_pem(key))
         self.monitor_key.chmod(0o600)
 

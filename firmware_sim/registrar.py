@@ -171,21 +171,7 @@ def _credential_usable(layout: Layout, ca: CertificateAuthority) -> bool:
 def _make_credential(
     layout: Layout, ca: CertificateAuthority, days: int
 ) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    request = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAME)])
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"urn:device-agent:{NAME}")]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    chain = ca.sign_csr(request, days)
+    chain, key = ca.issue_client_cert(NAME, days)
 
     # The key goes first: a chain whose key is missing is made anew on
     # the next run, so a crash in between costs nothing.

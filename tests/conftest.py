@@ -16,9 +16,6 @@ import click
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware_sim.broker import Broker
@@ -122,21 +119,7 @@ def make_identity(
     def make(
         name: str, ca: CertificateAuthority | None = None, **sign: Any
     ) -> Identity:
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-            )
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(f"urn:device:{name}")]
-                ),
-                critical=False,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        chain = (ca or factory_ca).sign_csr(csr, **sign)
+        chain, key = (ca or factory_ca).issue_client_cert(name, **sign)
 
         directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp_path))
         chain_path = directory / "chain.pem"

@@ -11,7 +11,7 @@ import click
 from device_agent import credential
 from device_agent.cli.main import App, pass_app
 from device_agent.errors import SessionError
-from device_agent.session import check_topic
+from device_agent.session import Message, check_topic
 
 
 @click.command()
@@ -88,7 +88,9 @@ def connect(
         session.close()
 
 
-def _receive(messages: queue.Queue, count: int, timeout: float) -> None:  # type: ignore[type-arg]
+def _receive(
+    messages: queue.Queue[Message], count: int, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     for received in range(count):
         left = deadline - time.monotonic()
