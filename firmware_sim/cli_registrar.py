@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import logging
 import os
 import re
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 import click
 
-from firmware_sim.ca import CA_FILES, MAX_DAYS
-from firmware_sim.errors import SimError
+from firmware_sim.ca import (
+    CA_FILES,
+    MAX_DAYS,
+    CertificateAuthority,
+    check_serial,
+)
+from firmware_sim.errors import CAError, SimError
 from firmware_sim.params import DirectoryPath, RegularFile, ca_name
 from firmware_sim.registrar import Layout, Registrar, prepare
 from firmware_sim.registry import (
@@ -23,6 +30,12 @@ from firmware_sim.registry import (
     Device,
     Issuance,
     Registry,
+)
+from firmware_sim.revocation import (
+    combined_crl,
+    revoke_device,
+    signal_reload,
+    write_crl,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +76,20 @@ def _serial(
     else:
         return value
     raise click.BadParameter(problem, ctx, param)
+
+
+def _hex_serials(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[int]:
+    serials = []
+    for value in values:
+        try:
+            serials.append(check_serial(int(value.removeprefix("0x"), 16)))
+        except (ValueError, CAError):
+            raise click.BadParameter(
+                f"{value!r} is not a certificate serial in hex", ctx, param
+            ) from None
+    return serials
 
 
 @click.group()
@@ -187,24 +214,159 @@ def add(device_id: str, serial: str | None, directory: Path) -> None:
     click.echo(f"{device.device_id} {device.status}")
 
 
-@registrar.command()
-@click.argument("device_id")
-@_DIR
-def revoke(device_id: str, directory: Path) -> None:
-    """Refuse the device from now on (compromised, stolen)."""
-    with _registry(directory) as registry:
-        device = registry.set_status(device_id, REVOKED)
-    click.echo(f"{device.device_id} {device.status}")
+_FACTORY_CA = click.option(
+    "--factory-ca",
+    type=DirectoryPath(),
+    help="Directory of the factory CA; needed for --crl-out and "
+    "--idevid-serial.",
+)
+_CRL_OUT = click.option(
+    "--crl-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the broker's new CRL file here: a CRL of each CA's "
+    "intermediate, with every revocation recorded.",
+)
+_CRL_DAYS = click.option(
+    "--crl-days",
+    type=click.IntRange(1, MAX_DAYS),
+    default=1,
+    show_default=True,
+    help="Days until the written CRLs' next update.",
+)
+_BROKER_PID = click.option(
+    "--broker-pid",
+    type=click.IntRange(1),
+    help="Send this mosquitto SIGHUP after --crl-out, so that it reads "
+    "the new CRL; sessions already open stay open.",
+)
 
 
 @registrar.command()
 @click.argument("device_id")
 @_DIR
-def decommission(device_id: str, directory: Path) -> None:
-    """Refuse the device from now on (retired from service)."""
+@_FACTORY_CA
+@_CRL_OUT
+@_CRL_DAYS
+@_BROKER_PID
+def revoke(
+    device_id: str,
+    directory: Path,
+    factory_ca: Path | None,
+    crl_out: Path | None,
+    crl_days: int,
+    broker_pid: int | None,
+) -> None:
+    """Refuse the device from now on (compromised, stolen).
+
+    Every operational certificate issued to it is revoked; its factory
+    certificate stays valid, so it can still report that it needs
+    service.
+    """
+    _put_out_of_service(
+        device_id,
+        REVOKED,
+        directory,
+        factory_ca,
+        (),
+        crl_out,
+        crl_days,
+        broker_pid,
+    )
+
+
+@registrar.command()
+@click.argument("device_id")
+@_DIR
+@_FACTORY_CA
+@click.option(
+    "--idevid-serial",
+    "idevid_serials",
+    multiple=True,
+    callback=_hex_serials,
+    metavar="HEX",
+    help="Serial of the device's factory certificate, to revoke too; "
+    "repeat for more. Needs --factory-ca.",
+)
+@_CRL_OUT
+@_CRL_DAYS
+@_BROKER_PID
+def decommission(
+    device_id: str,
+    directory: Path,
+    factory_ca: Path | None,
+    idevid_serials: list[int],
+    crl_out: Path | None,
+    crl_days: int,
+    broker_pid: int | None,
+) -> None:
+    """Refuse the device from now on (retired from service).
+
+    Every operational certificate issued to it is revoked, and its
+    factory certificate too when --idevid-serial names it.
+    """
+    _put_out_of_service(
+        device_id,
+        DECOMMISSIONED,
+        directory,
+        factory_ca,
+        idevid_serials,
+        crl_out,
+        crl_days,
+        broker_pid,
+    )
+    if not idevid_serials:
+        click.echo(
+            "its factory certificate stays valid: --idevid-serial with "
+            "--factory-ca revokes it",
+            err=True,
+        )
+
+
+def _put_out_of_service(
+    device_id: str,
+    status: str,
+    directory: Path,
+    factory_dir: Path | None,
+    idevid_serials: Sequence[int],
+    crl_out: Path | None,
+    crl_days: int,
+    broker_pid: int | None,
+) -> None:
+    if (crl_out is not None or idevid_serials) and factory_dir is None:
+        raise click.UsageError(
+            "--crl-out and --idevid-serial need --factory-ca"
+        )
+    if broker_pid is not None and crl_out is None:
+        raise click.UsageError("--broker-pid needs --crl-out")
+
+    layout = Layout(directory)
+    operational = CertificateAuthority.load(layout.ca_dir)
+    factory = None
+    if factory_dir is not None:
+        factory = CertificateAuthority.load(factory_dir)
     with _registry(directory) as registry:
-        device = registry.set_status(device_id, DECOMMISSIONED)
-    click.echo(f"{device.device_id} {device.status}")
+        revoked = revoke_device(
+            registry,
+            operational,
+            device_id,
+            factory,
+            status,
+            idevid_serials=idevid_serials,
+        )
+    click.echo(f"{device_id} {status}")
+    for serial in revoked:
+        click.echo(f"revoked serial {serial:x}")
+
+    if crl_out is None or factory is None:
+        return
+    next_update = datetime.timedelta(days=crl_days)
+    write_crl(crl_out, combined_crl(factory, operational, next_update))
+    click.echo(f"wrote {crl_out}")
+    if broker_pid is None:
+        click.echo("reload a running mosquitto: kill -HUP <its pid>")
+        return
+    signal_reload(broker_pid)
+    click.echo(f"sent SIGHUP to {broker_pid}")
 
 
 @registrar.command(name="list")

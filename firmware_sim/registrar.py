@@ -40,6 +40,7 @@ from firmware_sim.registry import (
     DECOMMISSIONED,
     REGISTRAR,
     REVOKED,
+    OutOfServiceError,
     Registry,
 )
 
@@ -294,6 +295,7 @@ class Registrar:
             tuple[str, str], tuple[bytes, bytes]
         ] = collections.OrderedDict()
         self._counts: collections.Counter[str] = collections.Counter()
+        self._requests: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._drop_responses = drop_responses
         self._session: Session | None = None
@@ -351,6 +353,11 @@ class Registrar:
         """Requests so far: issued, refused, repeated, dropped, ..."""
         with self._lock:
             return dict(self._counts)
+
+    def requests_from(self, device_id: str) -> int:
+        """How many requests ``device_id`` sent so far, answered or not."""
+        with self._lock:
+            return self._requests[device_id]
 
     def start(self) -> None:
         """Connect, subscribe to every device's requests, start serving."""
@@ -487,6 +494,8 @@ class Registrar:
             logger.warning("dropped a message on %r", message.topic[:100])
             return
 
+        with self._lock:
+            self._requests[device_id] += 1
         answer = self.handle(device_id, message.payload)
         if answer is None or self._suppressed(device_id):
             return
@@ -584,15 +593,21 @@ class Registrar:
         )
 
         # A certificate the registry does not know of is never handed
-        # out: revocation works from the registry's records.
-        self.registry.record_issuance(
-            device_id,
-            leaf.serial_number,
-            leaf.fingerprint(hashes.SHA256()).hex(),
-            leaf.not_valid_before_utc,
-            leaf.not_valid_after_utc,
-            KIND,
-        )
+        # out: revocation works from the registry's records. A device
+        # revoked since _check_device gets a refusal, not this leaf.
+        try:
+            self.registry.record_issuance(
+                device_id,
+                leaf.serial_number,
+                leaf.fingerprint(hashes.SHA256()).hex(),
+                leaf.not_valid_before_utc,
+                leaf.not_valid_after_utc,
+                KIND,
+            )
+        except OutOfServiceError as exc:
+            raise _Refusal(
+                exc.status, f"{device_id} is {exc.status}"
+            ) from None
         return leaf
 
     def _remember(

@@ -73,6 +73,15 @@ class UnknownDeviceError(RegistryError):
         self.device_id = device_id
 
 
+class OutOfServiceError(RegistryError):
+    """The device is revoked or decommissioned: nothing is issued to it."""
+
+    def __init__(self, device_id: str, status: str) -> None:
+        super().__init__(f"device {device_id!r} is {status}")
+        self.device_id = device_id
+        self.status = status
+
+
 @dataclasses.dataclass(frozen=True)
 class Device:
     device_id: str
@@ -207,16 +216,25 @@ class Registry:
         not_after: datetime.datetime,
         kind: str,
     ) -> Issuance:
-        """Note a certificate issued to a registered device."""
+        """Note a certificate issued to an active device.
+
+        A device revoked meanwhile is refused with
+        :class:`OutOfServiceError`: the status and the issuances change
+        in one transaction each, so whoever revokes a device and then
+        reads its issuances sees every certificate it was ever given.
+        """
         if not kind:
             raise RegistryError("an issuance needs a kind")
 
         with self._write() as db:
             known = db.execute(
-                "SELECT 1 FROM devices WHERE device_id = ?", (device_id,)
+                "SELECT status FROM devices WHERE device_id = ?",
+                (device_id,),
             ).fetchone()
             if known is None:
                 raise UnknownDeviceError(device_id)
+            if known[0] != ACTIVE:
+                raise OutOfServiceError(device_id, str(known[0]))
             row = db.execute(
                 "INSERT INTO issuances VALUES (NULL, ?, ?, ?, ?, ?, ?, ?) "
                 "RETURNING *",

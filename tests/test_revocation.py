@@ -1,0 +1,264 @@
+"""Revoking one device cuts it off everywhere; the others stay on."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from device_cli import Device
+from sim_cli import invoke
+from test_renewal import FAST, status, stop, wait_for
+
+from device_agent.core import messages
+from firmware_sim.registry import DECOMMISSIONED, REVOKED
+from firmware_sim.revocation import (
+    RevocationError,
+    combined_crl,
+    revoke_device,
+    write_crl,
+)
+
+OTHER = "dev-2"
+
+
+def bring_up(tmp_path, world, device_id: str) -> Device:
+    """A software-key device holding an operational identity."""
+    device = Device(tmp_path / device_id, None, device_id=device_id)
+    device.init(
+        world.port,
+        world.factory_ca.root_path,
+        "--trust-anchor",
+        str(world.ca_bundle),
+    )
+    device.enroll(world.factory_ca)
+    device.configure(**FAST)
+    device.run("renew", "--now")
+    return device
+
+
+def idevid_serial(device: Device) -> int:
+    chain = (device.state / "idevid" / "current" / "chain.pem").read_bytes()
+    return x509.load_pem_x509_certificate(chain).serial_number
+
+
+def publish_crl(world) -> None:
+    """What an operator does after a revocation: new CRL, then SIGHUP."""
+    write_crl(
+        world.crl_path, combined_crl(world.factory_ca, world.operational_ca)
+    )
+    world.broker.reload()
+
+
+def agent(device: Device) -> dict:
+    """What the running agent reports; empty before its first report."""
+    return status(device).get("agent") or {}
+
+
+def connected_with_ldevid(device: Device) -> bool:
+    report = agent(device)
+    return (
+        report.get("state") == "connected"
+        and report.get("identity") == "ldevid"
+    )
+
+
+def refusal_line(result) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    return lines[0]
+
+
+def heartbeats(probe, device_id: str) -> list[dict]:
+    topic = f"devices/{device_id}/heartbeat"
+    return [json.loads(m.payload) for m in probe.messages if m.topic == topic]
+
+
+@pytest.fixture
+def fleet(tmp_path, registrar_world):
+    """dev-1 and dev-2, each running ``device-agent run`` with an LDevID."""
+    world = registrar_world
+    world.start_registrar(lifetime=120)
+    world.registry.add(OTHER)
+    devices = {
+        name: bring_up(tmp_path, world, name)
+        for name in (world.device_id, OTHER)
+    }
+    agents = {name: device.start() for name, device in devices.items()}
+    try:
+        for name, device in devices.items():
+            wait_for(
+                lambda d=device: connected_with_ldevid(d),
+                20,
+                f"{name} connected with its LDevID",
+            )
+        yield devices, agents
+    finally:
+        for agent in agents.values():
+            if agent.poll() is None:
+                stop(agent)
+
+
+def listen(world, make_identity, mqtt_probe, device_id: str):
+    """A probe with the device's own rights that records its heartbeats."""
+    probe = mqtt_probe(f"{device_id}-listener-{time.monotonic_ns()}")
+    identity = make_identity(device_id)
+    assert probe.connect(world.port, world.factory_ca.root_path, identity)
+    topic = f"devices/{device_id}/heartbeat"
+    assert probe.subscribe(topic)[0].value < 0x80
+    return probe
+
+
+def renewal_request(device_id: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(name)
+        .sign(key, hashes.SHA256())
+    )
+    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+    return messages.encode_request("a1", pem)
+
+
+def test_revoked_device_is_cut_off_while_the_other_keeps_going(
+    fleet, registrar_world, make_identity, mqtt_probe
+):
+    world = registrar_world
+    devices, agents = fleet
+    dev1 = devices[world.device_id]
+    issued = {i.cert_serial for i in world.registry.issuances("dev-1")}
+
+    revoked = revoke_device(
+        world.registry, world.operational_ca, "dev-1", world.factory_ca
+    )
+    publish_crl(world)
+
+    assert set(revoked) == issued
+    assert set(world.operational_ca.revocations()) == issued
+    assert world.factory_ca.revocations() == {}
+    line = refusal_line(dev1.run("connect", check=False))
+    assert "certificate" in line.lower(), line
+
+    # mosquitto keeps open sessions across a reload; a restart makes
+    # every device connect again, against the new CRL.
+    world.broker.stop()
+    world.broker.start()
+    wait_for(
+        lambda: agent(dev1).get("state") == "needs_service",
+        30,
+        "dev-1 to need service",
+    )
+    report = agent(dev1)
+    assert report["identity"] == "idevid"
+    assert "revoked" in report["last_result"]
+
+    listener = listen(world, make_identity, mqtt_probe, OTHER)
+    before = world.registrar.requests_from("dev-1")
+    time.sleep(10)
+    assert world.registrar.requests_from("dev-1") - before <= 1
+
+    beats = heartbeats(listener, OTHER)
+    assert len(beats) >= 5, beats
+    assert {b["identity"] for b in beats} == {"ldevid"}
+    assert connected_with_ldevid(devices[OTHER])
+    assert agents[OTHER].poll() is None
+    assert agent(dev1).get("state") == "needs_service"
+
+    answer = world.registrar.handle("dev-1", renewal_request("dev-1"))
+    assert answer is not None
+    assert messages.decode_response(answer)["reason"] == REVOKED
+
+
+def test_decommissioned_device_loses_its_idevid_too(
+    fleet, registrar_world, make_identity, mqtt_probe
+):
+    world = registrar_world
+    devices, _ = fleet
+    dev1 = devices[world.device_id]
+    factory_serial = idevid_serial(dev1)
+
+    revoked = revoke_device(
+        world.registry,
+        world.operational_ca,
+        "dev-1",
+        world.factory_ca,
+        DECOMMISSIONED,
+        idevid_serials=[factory_serial],
+    )
+    publish_crl(world)
+    world.broker.stop()
+    world.broker.start()
+
+    assert factory_serial in revoked
+    assert world.registry.get("dev-1").status == DECOMMISSIONED
+    wait_for(
+        lambda: "connect failed" in agent(dev1).get("last_result", ""),
+        30,
+        "dev-1 to be refused with both credentials",
+    )
+    assert agent(dev1).get("identity") is None
+    line = refusal_line(dev1.run("connect", check=False))
+    assert "certificate" in line.lower(), line
+
+    listener = listen(world, make_identity, mqtt_probe, OTHER)
+    wait_for(lambda: len(heartbeats(listener, OTHER)) >= 3, 10, "dev-2")
+
+
+def test_revoke_refuses_an_idevid_it_would_ignore(registrar_world):
+    world = registrar_world
+    with pytest.raises(RevocationError, match="decommission"):
+        revoke_device(
+            world.registry,
+            world.operational_ca,
+            "dev-1",
+            world.factory_ca,
+            idevid_serials=[5],
+        )
+    with pytest.raises(RevocationError, match="status"):
+        revoke_device(
+            world.registry, world.operational_ca, "dev-1", status="active"
+        )
+    assert world.registry.get("dev-1").status == "active"
+
+
+def test_cli_decommission_writes_the_crl_and_reloads_the_broker(
+    registrar_world, tmp_path
+):
+    world = registrar_world
+    crl_out = tmp_path / "out-crl.pem"
+
+    result = invoke([
+        "registrar", "decommission", "dev-1",
+        "--dir", str(world.layout.directory),
+        "--factory-ca", str(world.factory_ca.directory),
+        "--idevid-serial", "abc123",
+        "--crl-out", str(crl_out),
+        "--broker-pid", str(world.broker.pid),
+    ])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "dev-1 decommissioned" in result.output
+    crls = crl_out.read_bytes().split(b"-----END X509 CRL-----")[:-1]
+    assert len(crls) == 2
+    factory_crl = x509.load_pem_x509_crl(crls[0] + b"-----END X509 CRL-----")
+    assert factory_crl.get_revoked_certificate_by_serial_number(0xABC123)
+    world.broker.wait_for_log("Reloading config.", 5)
+
+
+def test_cli_refuses_crl_out_without_the_factory_ca(registrar_world, tmp_path):
+    result = invoke([
+        "registrar", "revoke", "dev-1",
+        "--dir", str(registrar_world.layout.directory),
+        "--crl-out", str(tmp_path / "crl.pem"),
+    ])  # fmt: skip
+
+    assert result.exit_code != 0
+    assert "--factory-ca" in result.output
+    assert registrar_world.registry.get("dev-1").status == "active"
