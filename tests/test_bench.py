@@ -33,3 +33,20 @@ def test_a_benchmark_runs_and_prints_its_table(module, title):
     assert result.stdout.startswith(title), result.stdout
     assert "TPM2_" in result.stdout
     assert "!! objects left loaded" not in result.stdout
+
+
+def test_the_daemon_at_rest_benchmark_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.rest", "--runs", "1"],
+        cwd=TOP,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("rest: "), result.stdout
+    assert "RSS |" in result.stdout
+    assert "CPU |" in result.stdout
+    assert "!! objects left loaded" not in result.stdout
