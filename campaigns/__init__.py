@@ -1,0 +1,1 @@
+"""Reliability campaigns, each rerunnable as ``python -m campaigns.NAME``."""
