@@ -438,9 +438,9 @@ def test_daemon_survives_an_unusable_credential_and_reenrolls(
         # A failed reconnect makes the session build its TLS context anew,
         # from the damaged file.
         wait_for(
-            lambda: "link down" in status(device)["agent"]["last_result"],
+            lambda: status(device)["agent"]["state"] != "connected",
             20,
-            "the link to drop",
+            "the agent to notice the link dropped",
         )
         time.sleep(2)
         world.broker.start()
