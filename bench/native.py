@@ -203,7 +203,9 @@ def _watch(process: subprocess.Popen[bytes]) -> dict[str, float]:
             if not events:
                 raise RuntimeError(f"s_client: no CONNACK: {seen}")
             for key, _ in events:
-                chunk = os.read(key.fileobj.fileno(), 65536)  # type: ignore[union-attr]
+                stream = key.fileobj
+                assert not isinstance(stream, int)
+                chunk = os.read(stream.fileno(), 65536)
                 if not chunk:
                     raise RuntimeError(f"s_client ended early: {seen}")
                 seen[key.data] += chunk

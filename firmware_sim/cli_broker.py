@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from cryptography import x509
 
-from firmware_sim import registrar
+from firmware_sim import registrar, revocation
 from firmware_sim.broker import (
     ACL,
     CONF,
@@ -162,7 +162,9 @@ def files(
     all_names = check_server_names([*names, *_host_names(host), *LOCAL_NAMES])
 
     chain, key = factory.issue_server_cert(all_names, days)
-    crls = _crls(factory, operational, days=crl_days)
+    crls = revocation.crls(
+        factory, operational, next_update=datetime.timedelta(days=crl_days)
+    )
     group = _group()
     contents = [
         (CA_BUNDLE, chain_pem([factory.root, operational.root]), 0o644),
@@ -215,7 +217,9 @@ def crl(
         )
 
     factory, operational = _load_cas(factory_ca, registrar_dir)
-    crls = _crls(factory, operational, days=crl_days)
+    crls = revocation.crls(
+        factory, operational, next_update=datetime.timedelta(days=crl_days)
+    )
     write_files(
         [(out / CRL, b"".join(crls), 0o644)], replace=True, group=_group()
     )
@@ -299,13 +303,6 @@ def _host_names(host: str) -> list[str]:
     except ValueError:
         pass
     return [host]
-
-
-def _crls(*cas: CertificateAuthority, days: int) -> list[bytes]:
-    # With a crlfile, mosquitto refuses a certificate whose issuer has no
-    # CRL in it: each intermediate needs one.
-    next_update = datetime.timedelta(days=days)
-    return [ca.recorded_crl(next_update) for ca in cas]
 
 
 def _acl() -> bytes:

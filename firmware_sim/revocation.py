@@ -104,9 +104,15 @@ def combined_crl(
     With a crlfile, mosquitto refuses every certificate whose issuer
     has no CRL in it, so the file holds one of each intermediate.
     """
-    return b"".join(
-        ca.recorded_crl(next_update) for ca in (factory_ca, operational_ca)
-    )
+    return b"".join(crls(factory_ca, operational_ca, next_update=next_update))
+
+
+def crls(
+    *cas: CertificateAuthority,
+    next_update: datetime.timedelta = CRL_NEXT_UPDATE,
+) -> list[bytes]:
+    """Each CA's CRL, with its recorded revocations, in the order given."""
+    return [ca.recorded_crl(next_update) for ca in cas]
 
 
 def write_crl(path: Path, crl: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -99,3 +100,14 @@ class Device:
                 elif path.is_file():
                     found[rel] = path.read_bytes()
         return found
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll ``predicate`` until it holds; fail naming ``what`` if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from cryptography import x509
-from device_cli import Device
+from device_cli import Device, wait_for
 
 FAST = {
     "heartbeat_interval": 0.5,
@@ -44,16 +44,6 @@ def status(device: Device) -> dict:
 def generations(device: Device, lineage: str = "ldevid") -> list[str]:
     root = device.state / lineage / "generations"
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stop(process) -> str:

@@ -6,18 +6,9 @@ import subprocess
 import sys
 import time
 
-from device_cli import Device
+from device_cli import Device, wait_for
 
 from device_agent import config, credential
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def device_session(tmp_path, tcti, factory_ca, broker):
@@ -51,7 +42,9 @@ def test_reconnects_after_a_broker_restart_and_resubscribes(
         session.close()
 
 
-_HOLD_SESSION = """
+# What both session scripts begin with: a session for the device whose
+# config is argv[1], reconnecting fast.
+_OPEN_SESSION = """
 import sys, time
 from pathlib import Path
 from device_agent import config, credential
@@ -60,6 +53,11 @@ session = credential.open_session(settings)
 session.reconnect_base = 0.2
 session.reconnect_cap = 1.0
 session.open()
+"""
+
+_HOLD_SESSION = (
+    _OPEN_SESSION
+    + """
 print("up", flush=True)
 sys.stdin.readline()
 deadline = time.monotonic() + 20
@@ -73,6 +71,7 @@ while time.monotonic() < deadline:
     break
 session.close()
 """
+)
 
 
 def test_reconnects_after_a_tpm_restart(
@@ -104,20 +103,15 @@ def test_reconnects_after_a_tpm_restart(
         process.wait()
 
 
-_TAKEN_OVER = """
-import sys
-from pathlib import Path
-from device_agent import config, credential
-settings = config.load(Path(sys.argv[1]))
-session = credential.open_session(settings)
-session.reconnect_base = 0.2
-session.reconnect_cap = 1.0
-session.open()
+_TAKEN_OVER = (
+    _OPEN_SESSION
+    + """
 print(session.client_id, flush=True)
 sys.stdin.readline()
 print("connected" if session.connected else "down", flush=True)
 session.close()
 """
+)
 
 
 def test_takeovers_leak_no_tpm_object(
