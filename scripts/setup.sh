@@ -159,9 +159,9 @@ install_venv() {
         say "creating .venv"
         "$(pick_python)" -m venv "$venv"
     fi
-    say "installing device-agent and its test extras into .venv"
+    say "installing device-agent with its simulator and test extras"
     "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -e "$top[test]"
+    "$venv/bin/python" -m pip install -q -e "$top[test,sim]"
     printf '%s\n' "$want" >"$stamp"
 }
 
