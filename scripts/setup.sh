@@ -165,7 +165,68 @@ install_venv() {
     printf '%s\n' "$want" >"$stamp"
 }
 
+# RabbitMQ is the second broker the tests run against. Its package starts
+# a node and epmd listening on every interface; here nothing may listen
+# beyond loopback, and tests start their own nodes, so the install runs
+# under a policy-rc.d that forbids starting services, and whatever started
+# anyway is stopped and disabled.
+install_rabbitmq() {
+    if [ -z "$(missing_packages rabbitmq-server)" ]; then
+        say "rabbitmq-server present"
+        return
+    fi
+    apt_update_once
+    local policy=/usr/sbin/policy-rc.d ours=no
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+        as_root chmod 755 "$policy"
+        ours=yes
+    fi
+    say "installing rabbitmq-server (not started)"
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends rabbitmq-server \
+        >/dev/null || { [ "$ours" = no ] || as_root rm -f "$policy"; exit 1; }
+    [ "$ours" = no ] || as_root rm -f "$policy"
+    if [ -d /run/systemd/system ]; then
+        as_root systemctl disable --now -q \
+            rabbitmq-server.service epmd.service epmd.socket \
+            2>/dev/null || true
+    fi
+    if pgrep -u rabbitmq >/dev/null 2>&1; then
+        as_root pkill -u rabbitmq || true
+    fi
+}
+
+# The MicroPython WebAssembly port, for the tests of the portable core: an
+# npm package in .venv/node, run by Node.
+wasm_port_version=1.27.0
+install_wasm_port() {
+    local dir="$venv/node"
+    local pkg="$dir/node_modules/@micropython/micropython-webassembly-pyscript"
+    if [ -f "$pkg/micropython.mjs" ] \
+        && grep -q "\"version\": \"$wasm_port_version\"" "$pkg/package.json"
+    then
+        say "MicroPython WebAssembly port present"
+        return
+    fi
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1
+    then
+        apt_update_once
+        say "installing nodejs npm"
+        as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends nodejs npm \
+            >/dev/null
+    fi
+    say "installing the MicroPython WebAssembly port into .venv/node"
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --silent \
+        "@micropython/micropython-webassembly-pyscript@$wasm_port_version" \
+        >/dev/null
+}
+
 install_debian_packages
 install_venv
 install_provider
+install_rabbitmq
+install_wasm_port
 say "ready"

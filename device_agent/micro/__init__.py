@@ -1,0 +1,1 @@
+"""MicroPython board adapter."""
