@@ -12,7 +12,11 @@ from device_agent.cli import edge
 from firmware_sim.cli_broker import broker
 from firmware_sim.cli_ca import ca
 from firmware_sim.cli_demo import demo
+from firmware_sim.cli_evidence import evidence
+from firmware_sim.cli_factory import factory
+from firmware_sim.cli_fleet import fleet
 from firmware_sim.cli_registrar import registrar
+from firmware_sim.cli_revocation import crl_check, decommission, revoke
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +36,13 @@ def main(verbose: bool, debug: bool) -> None:
 main.add_command(broker)
 main.add_command(ca)
 main.add_command(demo)
+main.add_command(evidence)
+main.add_command(factory)
+main.add_command(fleet)
 main.add_command(registrar)
+main.add_command(revoke)
+main.add_command(decommission)
+main.add_command(crl_check)
 
 
 def run(argv: Sequence[str] | None = None) -> Any:

@@ -262,7 +262,7 @@ def revoke(
     certificate stays valid, so it can still report that it needs
     service.
     """
-    _put_out_of_service(
+    put_out_of_service(
         device_id,
         REVOKED,
         directory,
@@ -304,7 +304,7 @@ def decommission(
     Every operational certificate issued to it is revoked, and its
     factory certificate too when --idevid-serial names it.
     """
-    _put_out_of_service(
+    put_out_of_service(
         device_id,
         DECOMMISSIONED,
         directory,
@@ -322,7 +322,7 @@ def decommission(
         )
 
 
-def _put_out_of_service(
+def put_out_of_service(
     device_id: str,
     status: str,
     directory: Path,

@@ -13,12 +13,16 @@ names it; without it a decommissioned device keeps a valid IDevID.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
 import signal
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from cryptography import x509
 
 from firmware_sim.ca import CertificateAuthority, write_files
 from firmware_sim.errors import SimError
@@ -137,3 +141,131 @@ def signal_reload(pid: int) -> None:
     except PermissionError:
         raise RevocationError(f"not allowed to signal process {pid}") from None
     logger.info("sent SIGHUP to broker pid %d", pid)
+
+
+# A CRL is re-issued when this share of its lifetime has passed, so one
+# missed re-issue still leaves half a lifetime to notice and fix it.
+REFRESH_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class CrlState:
+    """One CRL in a crlfile: whose it is and how long it still holds."""
+
+    issuer: str
+    next_update: datetime.datetime
+    revoked: int
+
+    def remaining(self, now: datetime.datetime) -> float:
+        return (self.next_update - now).total_seconds()
+
+
+def crl_states(data: bytes) -> list[CrlState]:
+    """Every CRL in a PEM crlfile, in file order."""
+    states = []
+    for block in data.split(_CRL_END)[:-1]:
+        crl = x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END)
+        next_update = crl.next_update_utc
+        if next_update is None:
+            raise RevocationError(f"CRL of {crl.issuer} has no nextUpdate")
+        states.append(
+            CrlState(crl.issuer.rfc4514_string(), next_update, len(crl))
+        )
+    return states
+
+
+def check_crl_file(
+    path: Path, warn_before: float, now: datetime.datetime | None = None
+) -> list[str]:
+    """Warnings for CRLs close to nextUpdate; RevocationError if one passed.
+
+    OpenSSL, and so mosquitto, treats a CRL past its nextUpdate as a
+    failed check: every new connection with a certificate of that
+    issuer is refused (over TLS 1.2 with a certificate_expired alert),
+    while sessions already open stay up. Nothing in the broker's log
+    names the CRL, so this check is what makes it loud.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        states = crl_states(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise RevocationError(f"{path}: no readable CRL ({exc})") from None
+    if not states:
+        raise RevocationError(f"{path}: holds no CRL")
+    warnings = []
+    for state in states:
+        left = state.remaining(now)
+        if left <= 0:
+            raise RevocationError(
+                f"CRL of {state.issuer} in {path} expired at "
+                f"{state.next_update:%Y-%m-%d %H:%M:%S}Z: the broker now "
+                "refuses every device certificate that issuer signed"
+            )
+        if left < warn_before:
+            warnings.append(
+                f"CRL of {state.issuer} expires in {left:.0f} s "
+                f"({state.next_update:%Y-%m-%d %H:%M:%S}Z)"
+            )
+    return warnings
+
+
+class CrlPublisher:
+    """Keeps a broker's crlfile fresh: re-issue at half its lifetime.
+
+    :meth:`publish` writes both CAs' CRLs with every recorded
+    revocation and calls ``reload`` (the broker re-reads the file);
+    :meth:`start` does so again every ``lifetime * REFRESH_FRACTION``
+    seconds in a thread, so a CRL never reaches its nextUpdate while
+    the publisher runs.
+    """
+
+    def __init__(
+        self,
+        factory_ca: CertificateAuthority,
+        operational_ca: CertificateAuthority,
+        path: Path,
+        reload: Callable[[], None],
+        lifetime: datetime.timedelta = CRL_NEXT_UPDATE,
+    ) -> None:
+        self.factory_ca = factory_ca
+        self.operational_ca = operational_ca
+        self.path = Path(path)
+        self.reload = reload
+        self.lifetime = lifetime
+        self.published = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def publish(self) -> None:
+        with self._lock:
+            crl = combined_crl(
+                self.factory_ca, self.operational_ca, self.lifetime
+            )
+            write_crl(self.path, crl)
+            self.reload()
+            self.published += 1
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name="crl-publisher", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self) -> None:
+        interval = self.lifetime.total_seconds() * REFRESH_FRACTION
+        while not self._stop.wait(interval):
+            try:
+                self.publish()
+            except Exception as exc:
+                logger.error("CRL not re-issued: %s", exc)
+
+
+_CRL_END = b"-----END X509 CRL-----"

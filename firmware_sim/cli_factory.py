@@ -1,0 +1,107 @@
+"""``firmware-sim factory``: manufacture simulated devices on a line."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import click
+
+from firmware_sim.ca import CertificateAuthority
+from firmware_sim.device import SOFTWARE, TPM, SimDevice
+from firmware_sim.factory import CloneError, FactoryLine, ek_ca_config
+from firmware_sim.params import DirectoryPath
+
+logger = logging.getLogger(__name__)
+
+CA_DIR = "factory-ca"
+DB_FILE = "factory.sqlite"
+EK_CA_DIR = "ek-ca"
+DEVICES_DIR = "devices"
+
+
+@click.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=DirectoryPath(),
+    default=Path("factory"),
+    show_default=True,
+    help="The line: its CA, records and the devices it made.",
+)
+@click.option(
+    "--count", type=click.IntRange(1, 10000), default=1, show_default=True
+)
+@click.option("--prefix", default="sim", show_default=True, help="Id prefix.")
+@click.option(
+    "--serial-base",
+    default="SN",
+    show_default=True,
+    help="Hardware serials are BASE-0001, BASE-0002, ...",
+)
+@click.option(
+    "--software-keys",
+    is_flag=True,
+    help="Devices without a TPM: software keys, NOT hardware-protected.",
+)
+@click.option(
+    "--ek/--no-ek",
+    default=True,
+    show_default=True,
+    help="Give each TPM an EK certificate (swtpm_setup).",
+)
+def factory(
+    directory: Path,
+    count: int,
+    prefix: str,
+    serial_base: str,
+    software_keys: bool,
+    ek: bool,
+) -> None:
+    """Manufacture devices: key on the device, CSR out, IDevID in.
+
+    Refuses a device serial or a public key the line has seen before.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_dir = directory / CA_DIR
+    if (ca_dir / "root.pem").exists():
+        ca = CertificateAuthority.load(ca_dir)
+    else:
+        ca = CertificateAuthority.create(ca_dir)
+    setup = ek_ca_config(directory / EK_CA_DIR) if ek else None
+    key_store = SOFTWARE if software_keys else TPM
+
+    with FactoryLine(ca, directory / DB_FILE) as line:
+        for number in range(1, count + 1):
+            device = SimDevice(
+                directory / DEVICES_DIR / f"{prefix}-{number:04d}",
+                f"{prefix}-{number:04d}",
+                f"{serial_base}-{number:04d}",
+                key_store,
+            )
+            _make(line, device, ca, setup)
+            click.echo(f"made {device.device_id} serial {device.serial}")
+
+
+def _make(
+    line: FactoryLine,
+    device: SimDevice,
+    ca: CertificateAuthority,
+    setup: Path | None,
+) -> None:
+    new = not device.directory.exists()
+    try:
+        device.manufacture_tpm(setup)
+        if device.tpm is not None:
+            device.start_tpm()
+        device.configure("127.0.0.1", 8883, ca.root_path, ca.root_path)
+        line.manufacture(device)
+    except CloneError:
+        # A board the line refused leaves nothing behind on the line.
+        device.stop_tpm()
+        if new:
+            shutil.rmtree(device.directory, ignore_errors=True)
+        raise
+    finally:
+        device.stop_tpm()

@@ -1,0 +1,71 @@
+"""``firmware-sim fleet``: a fleet of simulated devices through a scenario."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from firmware_sim import fleet as fleet_module
+from firmware_sim import report
+from firmware_sim.params import DirectoryPath
+
+logger = logging.getLogger(__name__)
+
+
+@click.command()
+@click.option(
+    "--devices", "count", type=click.IntRange(1, 5000), required=True
+)
+@click.option(
+    "--scenario",
+    type=click.Choice(fleet_module.SCENARIOS),
+    required=True,
+    help="lifecycle, storm (identical lifetimes, started at once), "
+    "outage (broker and registrar down during renewals), clone.",
+)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--software-keys",
+    is_flag=True,
+    help="Software keys instead of one swtpm per device (NOT "
+    "hardware-protected); agents then share processes, 50 a process.",
+)
+@click.option(
+    "--lifetime",
+    type=click.IntRange(8, 3600),
+    help="Seconds an operational certificate lives [default: per "
+    "scenario, 20 to 40].",
+)
+@click.option(
+    "--out",
+    type=DirectoryPath(),
+    default=Path("fleet-report"),
+    show_default=True,
+    help="Where the report and the run's files go.",
+)
+def fleet(
+    count: int,
+    scenario: str,
+    seed: int,
+    software_keys: bool,
+    lifetime: int | None,
+    out: Path,
+) -> None:
+    """Run simulated devices through a scenario and write a report."""
+    console = Console(stderr=True)
+    outcome, _ = fleet_module.run(
+        scenario, count, seed, out, software_keys, lifetime, console
+    )
+    paths = report.write(outcome, out)
+    for name, passed in sorted(outcome.checks.items()):
+        click.echo(f"{'pass' if passed else 'FAIL'}: {name}")
+    click.echo(f"report: {paths['markdown']} and {paths['json']}")
+    failed = [name for name, passed in outcome.checks.items() if not passed]
+    if failed:
+        raise fleet_module.FleetError(
+            f"{len(failed)} check(s) failed, first: {failed[0]}; see "
+            f"{paths['markdown']}"
+        )

@@ -1,0 +1,150 @@
+"""``firmware-sim revoke``, ``decommission`` and ``crl-check``.
+
+The same work as the registrar group's commands, with the factory
+line's records at hand: decommissioning looks the device's IDevID up
+there, so that its factory certificate is revoked too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from firmware_sim.ca import CertificateAuthority
+from firmware_sim.cli_factory import CA_DIR, DB_FILE
+from firmware_sim.cli_registrar import put_out_of_service
+from firmware_sim.errors import SimError
+from firmware_sim.factory import FactoryLine
+from firmware_sim.params import DirectoryPath, RegularFile
+from firmware_sim.registry import DECOMMISSIONED, REVOKED
+from firmware_sim.revocation import check_crl_file
+
+logger = logging.getLogger(__name__)
+
+_REGISTRAR_DIR = click.option(
+    "--registrar-dir",
+    type=DirectoryPath(),
+    default=Path("registrar"),
+    show_default=True,
+    envvar="FIRMWARE_SIM_REGISTRAR_DIR",
+    help="Directory of the operational CA and registry.",
+)
+_FACTORY_DIR = click.option(
+    "--factory-dir",
+    type=DirectoryPath(),
+    default=Path("factory"),
+    show_default=True,
+    help="The factory line (firmware-sim factory --dir).",
+)
+_CRL_OUT = click.option(
+    "--crl-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The broker's crlfile, replaced with the new CRLs.",
+)
+_CRL_DAYS = click.option(
+    "--crl-days", type=click.IntRange(1, 365), default=1, show_default=True
+)
+_BROKER_PID = click.option(
+    "--broker-pid",
+    type=click.IntRange(1),
+    help="Send this mosquitto SIGHUP so that it reads the new CRL.",
+)
+
+
+@click.command()
+@click.argument("device_id")
+@_REGISTRAR_DIR
+@_FACTORY_DIR
+@_CRL_OUT
+@_CRL_DAYS
+@_BROKER_PID
+def revoke(
+    device_id: str,
+    registrar_dir: Path,
+    factory_dir: Path,
+    crl_out: Path,
+    crl_days: int,
+    broker_pid: int | None,
+) -> None:
+    """Cut a compromised device off: its operational certificates go.
+
+    Its IDevID stays, so it can still reach the registrar and learn that
+    it needs service.
+    """
+    _factory_record(factory_dir, device_id)
+    put_out_of_service(
+        device_id,
+        REVOKED,
+        registrar_dir,
+        factory_dir / CA_DIR,
+        (),
+        crl_out,
+        crl_days,
+        broker_pid,
+    )
+
+
+@click.command()
+@click.argument("device_id")
+@_REGISTRAR_DIR
+@_FACTORY_DIR
+@_CRL_OUT
+@_CRL_DAYS
+@_BROKER_PID
+def decommission(
+    device_id: str,
+    registrar_dir: Path,
+    factory_dir: Path,
+    crl_out: Path,
+    crl_days: int,
+    broker_pid: int | None,
+) -> None:
+    """Retire a device: every certificate it holds is revoked, IDevID too."""
+    idevid = _factory_record(factory_dir, device_id)
+    put_out_of_service(
+        device_id,
+        DECOMMISSIONED,
+        registrar_dir,
+        factory_dir / CA_DIR,
+        (idevid,),
+        crl_out,
+        crl_days,
+        broker_pid,
+    )
+
+
+@click.command("crl-check")
+@click.argument("crl_file", type=RegularFile())
+@click.option(
+    "--warn-seconds",
+    type=click.FloatRange(0),
+    default=3600.0,
+    show_default=True,
+    help="Warn about a CRL that expires sooner than this.",
+)
+def crl_check(crl_file: Path, warn_seconds: float) -> None:
+    """Fail loudly if a CRL in the broker's crlfile is past nextUpdate.
+
+    A broker with an expired CRL refuses every new connection of that
+    issuer's devices; run this from monitoring.
+    """
+    warnings = check_crl_file(crl_file, warn_seconds)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{crl_file}: every CRL is current")
+
+
+def _factory_record(factory_dir: Path, device_id: str) -> int:
+    """The IDevID serial the line issued to ``device_id``."""
+    database = factory_dir / DB_FILE
+    if not database.is_file():
+        raise SimError(f"{database}: no factory records")
+    ca = CertificateAuthority.load(factory_dir / CA_DIR)
+    with FactoryLine(ca, database) as line:
+        record = line.record_of(device_id)
+    if record is None:
+        raise SimError(f"device {device_id!r} was not made on this line")
+    return record.cert_serial

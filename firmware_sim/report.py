@@ -1,0 +1,335 @@
+"""The fleet report: JSON for machines, Markdown and plots for people.
+
+``report.json`` has two parts. ``deterministic`` holds what the seed
+decides and the verdicts (the plan, whether each device reached its
+state, which checks passed): the same seed gives the same part.
+``measured`` holds what the clock decides: times, serials, gaps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+# Before pyplot is imported: no display is needed or wanted.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from firmware_sim.fleet import Outcome
+
+logger = logging.getLogger(__name__)
+
+JSON_FILE = "report.json"
+MARKDOWN_FILE = "report.md"
+
+
+def deterministic(outcome: Outcome) -> dict[str, Any]:
+    """The part of the report the seed alone decides."""
+    return {
+        "plan": outcome.plan.as_dict(),
+        "reached": dict(sorted(outcome.reached.items())),
+        "checks": dict(sorted(outcome.checks.items())),
+    }
+
+
+def measured(outcome: Outcome) -> dict[str, Any]:
+    """The part the clock decides: times, serials, gaps."""
+    return {
+        "wall_s": round(outcome.finished - outcome.started, 2),
+        "phases_s": {k: round(v, 2) for k, v in outcome.phases.items()},
+        "peak_rss_mb": round(outcome.memory_mb, 1),
+        "check_details": outcome.details,
+        "storm": outcome.storm,
+        "gaps_s": {k: round(v, 3) for k, v in gaps(outcome).items()},
+        "renewals": renewal_counts(outcome),
+        "final_status": outcome.final,
+        "probes": outcome.probes,
+        "factory": outcome.factory,
+        "factory_refusals": outcome.factory_refusals,
+        "issuances": outcome.issuances,
+        "revocations": outcome.revocations,
+        "events": [
+            {"at": at, "kind": kind, "detail": detail}
+            for at, kind, detail in outcome.events
+        ],
+    }
+
+
+def gaps(outcome: Outcome) -> dict[str, float]:
+    """Each device's longest silence between heartbeats, in seconds."""
+    times: dict[str, list[float]] = {}
+    for beat in outcome.beats:
+        times.setdefault(beat.device_id, []).append(beat.at)
+    # A device that fell silent is silent until the last heartbeat the
+    # monitor heard from anyone.
+    last = max((beat.at for beat in outcome.beats), default=0.0)
+    longest = {}
+    for device_id, moments in times.items():
+        moments.sort()
+        moments.append(last)
+        steps = [b - a for a, b in itertools.pairwise(moments)]
+        longest[device_id] = max(steps, default=0.0)
+    return dict(sorted(longest.items()))
+
+
+def renewal_counts(outcome: Outcome) -> dict[str, int]:
+    """Operational certificates issued per device (the first enrolls)."""
+    counts: dict[str, int] = {}
+    for issued in outcome.issuances:
+        counts[issued["device_id"]] = counts.get(issued["device_id"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write(outcome: Outcome, directory: Path) -> dict[str, Path]:
+    """Write report.json, report.md and the plots into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "renewals": _plot_renewals(outcome, directory / "renewals.png"),
+        "expiry": _plot_expiry(outcome, directory / "expiry.png"),
+        "gaps": _plot_gaps(outcome, directory / "gaps.png"),
+    }
+    if outcome.storm.get("buckets"):
+        plots["storm"] = _plot_storm(outcome, directory / "storm.png")
+
+    report = {
+        "deterministic": deterministic(outcome),
+        "measured": measured(outcome),
+    }
+    json_path = directory / JSON_FILE
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    markdown_path = directory / MARKDOWN_FILE
+    markdown_path.write_text(_markdown(outcome, report, plots))
+    logger.info("report written to %s", directory)
+    return {"json": json_path, "markdown": markdown_path, **plots}
+
+
+def _markdown(
+    outcome: Outcome, report: dict[str, Any], plots: dict[str, Path]
+) -> str:
+    plan = outcome.plan
+    figures = report["measured"]
+    lines = [
+        f"# Fleet report: {plan.scenario}, {len(plan.devices)} devices, "
+        f"seed {plan.seed}",
+        "",
+        f"Key store: {_key_stores(outcome)}. Certificate lifetime "
+        f"{plan.lifetime} s, heartbeat every {plan.heartbeat:g} s. "
+        f"Wall time {figures['wall_s']:.1f} s; resident memory of every "
+        f"process of the fleet (agents, TPMs, broker, runner) at most "
+        f"{figures['peak_rss_mb']:.0f} MB.",
+        "",
+        "## Checks",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
+    for name, passed in sorted(outcome.checks.items()):
+        verdict = "pass" if passed else "**FAIL**"
+        lines.append(
+            f"| {name} | {verdict} | {outcome.details.get(name, '')} |"
+        )
+
+    lines += [
+        "",
+        "## Devices",
+        "",
+        "| device | serial | role | must end | reached | state | "
+        "identity | operational certificates |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    counts = renewal_counts(outcome)
+    for device in plan.devices:
+        final = outcome.final.get(device.device_id, {})
+        reached = outcome.reached.get(device.device_id)
+        lines.append(
+            f"| {device.device_id} | {device.serial} | {device.role} | "
+            f"{device.expected} | {'yes' if reached else '**no**'} | "
+            f"{final.get('state', '-')} | {final.get('identity') or '-'} | "
+            f"{counts.get(device.device_id, 0)} |"
+        )
+
+    if outcome.storm.get("buckets"):
+        storm = outcome.storm
+        lines += [
+            "",
+            "## Renewal storm",
+            "",
+            f"{storm['requests']} renewals of identical certificates, in "
+            f"buckets of {storm['bucket_s']:.2f} s (a fortieth of the "
+            f"lifetime): busiest {storm['peak']}, mean "
+            f"{storm['mean']:.1f}, peak over mean "
+            f"**{storm['peak_over_mean']:.2f}**.",
+        ]
+
+    for title, key in (
+        ("Renewals over time", "renewals"),
+        ("Renewal storm spread", "storm"),
+        ("Certificate expiry", "expiry"),
+        ("Connection gaps", "gaps"),
+    ):
+        if key in plots:
+            lines += ["", f"![{title}]({plots[key].name})"]
+
+    lines += _records_markdown(outcome)
+    lines += ["", "## Phases (wall time)", ""]
+    for name, seconds in figures["phases_s"].items():
+        lines.append(f"- {name}: {seconds:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+def _records_markdown(outcome: Outcome) -> list[str]:
+    serial_of = {f["device_id"]: f["device_serial"] for f in outcome.factory}
+    lines = [
+        "",
+        "## Issuance records",
+        "",
+        "| device serial | device | IDevID | EK certificate (sha256) | "
+        "operational certificates |",
+        "|---|---|---|---|---|",
+    ]
+    issued: dict[str, list[str]] = {}
+    for issuance in outcome.issuances:
+        issued.setdefault(issuance["device_id"], []).append(
+            issuance["serial"][:12]
+        )
+    for record in outcome.factory:
+        ek = record["ek_cert_sha256"]
+        lines.append(
+            f"| {record['device_serial']} | {record['device_id']} | "
+            f"{record['idevid_serial'][:12]} | "
+            f"{ek[:16] + '...' if ek else 'none'} | "
+            f"{', '.join(issued.get(record['device_id'], [])) or '-'} |"
+        )
+    lines += ["", "## Revocations", ""]
+    if not outcome.revocations:
+        lines.append("None.")
+    else:
+        lines += [
+            "| device | device serial | certificate | kind | status | "
+            "revoked at |",
+            "|---|---|---|---|---|---|",
+        ]
+        for entry in outcome.revocations:
+            lines.append(
+                f"| {entry['device_id']} | "
+                f"{serial_of.get(entry['device_id'], '?')} | "
+                f"{entry['serial'][:12]} | {entry['kind']} | "
+                f"{entry['status']} | {entry['revoked_at']} |"
+            )
+    if outcome.factory_refusals:
+        lines += ["", "## Refused at the factory", ""]
+        for refusal in outcome.factory_refusals:
+            lines.append(
+                f"- {refusal['device_id']} (serial "
+                f"{refusal['device_serial']}): {refusal['reason']}"
+            )
+    return lines
+
+
+def _key_stores(outcome: Outcome) -> str:
+    stores = sorted({d.key_store for d in outcome.plan.devices})
+    named = {"tpm": "TPM (swtpm)", "software": "software, NOT hardware"}
+    return ", ".join(named[s] for s in stores)
+
+
+def _plot_renewals(outcome: Outcome, path: Path) -> Path:
+    figure, axes = plt.subplots(figsize=(8, 4))
+    times = sorted(i["issued_at"] - outcome.started for i in outcome.issuances)
+    axes.step(times, range(1, len(times) + 1), where="post", color="tab:blue")
+    for at, kind, _ in outcome.events:
+        if kind in ("revoke", "decommission", "reset", "outage"):
+            axes.axvline(at - outcome.started, color="tab:red", alpha=0.3)
+    axes.set_xlabel("seconds since the run started")
+    axes.set_ylabel("operational certificates issued")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title("Enrollments and renewals over time (red: interventions)")
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def _plot_storm(outcome: Outcome, path: Path) -> Path:
+    storm = outcome.storm
+    figure, axes = plt.subplots(figsize=(8, 4))
+    starts = [
+        storm["first_s"] + n * storm["bucket_s"]
+        for n in range(len(storm["buckets"]))
+    ]
+    axes.bar(
+        starts,
+        storm["buckets"],
+        width=storm["bucket_s"] * 0.9,
+        align="edge",
+        color="tab:blue",
+    )
+    axes.axhline(storm["mean"], color="black", label="mean")
+    axes.axhline(
+        2 * storm["mean"], color="tab:red", linestyle="--", label="2 x mean"
+    )
+    axes.set_xlabel("seconds after the identical certificates were issued")
+    axes.set_ylabel("renewal requests per bucket")
+    axes.set_title(
+        f"Renewal storm: {storm['requests']} devices, peak over mean "
+        f"{storm['peak_over_mean']:.2f}"
+    )
+    axes.legend()
+    return _save(figure, path)
+
+
+def _plot_expiry(outcome: Outcome, path: Path) -> Path:
+    figure, axes = plt.subplots(figsize=(8, 4))
+    latest: dict[str, float] = {}
+    for issued in outcome.issuances:
+        latest[issued["device_id"]] = issued["not_after"]
+    left = [moment - outcome.finished for moment in latest.values()]
+    axes.hist(left, bins=min(30, max(5, len(left) // 2)), color="tab:green")
+    axes.axvline(0, color="tab:red", label="end of run")
+    axes.set_xlabel(
+        "seconds from the end of the run to the expiry of each device's "
+        "latest operational certificate"
+    )
+    axes.set_ylabel("devices")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title("Certificate expiry distribution")
+    axes.legend()
+    return _save(figure, path)
+
+
+def _plot_gaps(outcome: Outcome, path: Path) -> Path:
+    longest = gaps(outcome)
+    roles = {d.device_id: d.role for d in outcome.plan.devices}
+    names = list(longest)
+    figure, axes = plt.subplots(figsize=(8, max(3, 0.18 * len(names) + 1)))
+    colours = [
+        "tab:blue" if roles.get(n) == "keep" else "tab:orange" for n in names
+    ]
+    axes.barh(range(len(names)), list(longest.values()), color=colours)
+    size = 8 if len(names) <= 20 else 5
+    axes.set_yticks(range(len(names)), names, fontsize=size)
+    axes.axvline(
+        2 * outcome.plan.heartbeat,
+        color="tab:red",
+        linestyle="--",
+        label="two heartbeats",
+    )
+    axes.set_xlabel(
+        "longest gap between heartbeats over the whole run, seconds"
+    )
+    axes.set_title(
+        "Connection gaps per device (orange: revoked, reset or decommissioned)"
+    )
+    axes.legend(loc="lower right", framealpha=0.9)
+    return _save(figure, path)
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
