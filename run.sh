@@ -23,7 +23,7 @@ case "$what" in
         .venv/bin/ruff format --check --quiet .
         .venv/bin/ruff check --quiet .
         .venv/bin/mypy
-        exec .venv/bin/pytest -n 2 "$@"
+        exec .venv/bin/pytest -n 2 --dist loadgroup "$@"
         ;;
     *)
         usage

@@ -274,6 +274,7 @@ class Registrar:
         cache_size: int = CACHE_SIZE,
         max_backlog: int = MAX_BACKLOG,
         client_id: str = NAME,
+        mqtt_version: str = "5",
     ) -> None:
         self.ca = ca
         self.registry = registry
@@ -283,6 +284,8 @@ class Registrar:
         self.chain_file = Path(chain_file)
         self.key_file = Path(key_file)
         self.client_id = client_id
+        # RabbitMQ 3.10's MQTT plugin speaks 3.1.1 only.
+        self.mqtt_version = mqtt_version
         self.max_backlog = max_backlog
         # Replaced whole, never changed in place: the worker reads it once
         # per request, so each request sees one consistent policy.
@@ -365,7 +368,11 @@ class Registrar:
             raise RegistrarError("the registrar is already running")
 
         session = Session(
-            self.host, self.port, self.client_id, self._tls_context
+            self.host,
+            self.port,
+            self.client_id,
+            self._tls_context,
+            mqtt_version=self.mqtt_version,
         )
         session.open()
         try:
@@ -590,6 +597,7 @@ class Registrar:
             not_before=not_before,
             not_after=not_after,
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            signature_checked=True,  # by _check_signature
         )
 
         # A certificate the registry does not know of is never handed

@@ -54,6 +54,14 @@ class Server(Protocol):
 
 S = TypeVar("S", bound=Server)
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist declares this mark itself, but not under -p no:xdist.
+    config.addinivalue_line(
+        "markers", "xdist_group(name): tests that share one worker"
+    )
+
+
 # Ports are picked free and bound a moment later by another process, so a
 # test worker running alongside can take one in between; then we pick
 # again rather than fail the test.
