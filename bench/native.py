@@ -10,6 +10,10 @@ key load that come before. Each run is the first handshake of a fresh
 process, though, which OpenSSL 3 makes slower than later ones (it
 fetches and caches its algorithms on first use).
 
+``CClient`` is the warm native client with MQTT: a small C program on
+the same OpenSSL, which loads the key once and then connects again and
+again, each time a new TLS 1.3 session and a new MQTT connection.
+
 ``STime`` runs ``openssl s_time -new``: one process, one key load, then
 as many full handshakes as fit in a second or two, with no MQTT on top:
 the warm native handshake.
@@ -130,6 +134,92 @@ class SClient:
             connack=marks["connack"] - start,
             process=ended - begun,
         )
+
+
+class CClient:
+    """A warm native client: C and OpenSSL, the key loaded once.
+
+    ``mqtt_tls_client.c`` (beside this file) is built with the system's
+    compiler and OpenSSL, the same libssl Python's ``ssl`` uses, into
+    ``build_dir``. It keeps one SSL_CTX and makes a new connection,
+    a full TLS 1.3 handshake and an MQTT CONNECT each time it is asked:
+    the native counterpart of a Session opened with a context kept.
+    """
+
+    def __init__(
+        self,
+        build_dir: Path,
+        port: int,
+        ca_file: Path,
+        chain_file: Path,
+        key_file: Path,
+        tcti: str,
+        modules_dir: Path,
+    ) -> None:
+        program = build_c_client(build_dir)
+        env, _ = _tpm_options(tcti, modules_dir)
+        env["BENCH_PROVIDER_PATH"] = str(modules_dir)
+        self.process = subprocess.Popen(
+            [
+                str(program), "127.0.0.1", str(port), str(ca_file),
+                str(chain_file), str(key_file), "bench-c-client",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )  # fmt: skip
+        self._expect("ready")
+
+    def connect(self) -> Connect:
+        """One new connection; seconds to the handshake's end, to CONNACK."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        handshake, connack = (
+            float(part) / 1e6 for part in self._expect(None).split()
+        )
+        return Connect(handshake=handshake, connack=connack, process=0.0)
+
+    def close(self) -> None:
+        """End of input: the client frees its key, flushing it from the TPM."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            self.process.stdin.close()
+        try:
+            self.process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _expect(self, word: str | None) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line or (word is not None and line != word):
+            self.close()
+            assert self.process.stderr is not None
+            raise RuntimeError(
+                f"C client: {line!r}: {self.process.stderr.read()[-500:]}"
+            )
+        return line
+
+
+def build_c_client(build_dir: Path) -> Path:
+    """Compile the C client into ``build_dir``; the path of the program."""
+    source = Path(__file__).with_name("mqtt_tls_client.c")
+    program = build_dir / "mqtt_tls_client"
+    result = subprocess.run(
+        [
+            "cc", "-O2", "-Wall", "-o", str(program), str(source),
+            "-lssl", "-lcrypto",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot build the C client: {result.stderr}")
+    return program
 
 
 @dataclasses.dataclass(frozen=True)

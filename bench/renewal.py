@@ -211,6 +211,21 @@ def _with_step_clock(log: TpmLog) -> tuple[StepClock, Callable[[], None]]:
     return clock, remove
 
 
+def _summarize(tpm: Renewer, soft: Renewer) -> None:
+    report.summarize(
+        "renewal, TPM key: new key to commit",
+        report.ms(report.median(tpm.times["transaction"])),
+        f"software key {report.ms(report.median(soft.times['transaction']))}",
+        f"TPM / software {_ratio(tpm, soft, 'transaction')}",
+    )
+    report.summarize(
+        "renewal, TPM key, with the session switch, end to end",
+        report.ms(report.median(tpm.times["total"])),
+        f"software key {report.ms(report.median(soft.times['total']))}",
+        f"TPM commands {summary(tpm.commands['total']).split(':')[0]}",
+    )
+
+
 def main() -> int:
     options = report.arguments("bench.renewal", __doc__ or "")
     report.quiet_logging()
@@ -233,6 +248,7 @@ def main() -> int:
         leftover = here.swtpm.transient_handles()
 
     table = build_table(renewers[0], renewers[1], options.runs)
+    _summarize(renewers[0], renewers[1])
     if leftover:
         table.rule()
         table.add("!! objects left loaded in swtpm", str(len(leftover)))

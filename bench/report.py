@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_RUNS = 20
 
 
-def arguments(module: str, description: str) -> argparse.Namespace:
-    """The options every benchmark takes: ``--runs N``."""
+def arguments(
+    module: str,
+    description: str,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark takes, ``--runs N``, and ``more``."""
     parser = argparse.ArgumentParser(
         prog=f"python -m {module}",
         description=description,
@@ -25,6 +31,8 @@ def arguments(module: str, description: str) -> argparse.Namespace:
         default=DEFAULT_RUNS,
         help=f"repetitions of each measurement (default {DEFAULT_RUNS})",
     )
+    if more is not None:
+        more(parser)
     options = parser.parse_args()
     if options.runs < 1:
         parser.error("--runs must be at least 1")
@@ -96,3 +104,22 @@ class Table:
 
     def print(self) -> None:
         print(self.render(), flush=True)
+
+
+SUMMARY_ENV = "BENCH_SUMMARY"
+
+
+def summarize(
+    what: str, value: str, baseline: str = "", note: str = ""
+) -> None:
+    """A row for the one table ``bench/run`` prints after every benchmark.
+
+    The rows go, as JSON lines, to the file named by $BENCH_SUMMARY; a
+    benchmark run on its own, without it, prints only its own table.
+    """
+    path = os.environ.get(SUMMARY_ENV)
+    if not path:
+        return
+    row = {"what": what, "value": value, "baseline": baseline, "note": note}
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(json.dumps(row) + "\n")

@@ -7,10 +7,13 @@ Run from the repository top::
 ``device-agent run`` with a TPM key enrolls its operational identity, then
 holds its session with a heartbeat every 10 s for ``3 * N`` seconds (60 s
 by default); its CPU time comes from /proc before and after, its memory
-from VmRSS and VmHWM at the end. Baselines, in the same run: a Python
-process that only imports the libraries the agent uses and sleeps (the
-floor a Python agent cannot go under), and for ``device-agent status``
-from a cold start, ``python -c pass``.
+from VmRSS and VmHWM at the end. Then the daemon starts again with the
+operational identity it holds and its memory is taken once more: that
+process made no key, so it never loaded tpm2-pytss. Baselines, in the
+same run: Python processes that only import the libraries the agent
+uses, with and without tpm2-pytss, and sleep (the floor a Python agent
+cannot go under), and for ``device-agent status`` from a cold start,
+``python -c pass``.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ HEARTBEAT = 10.0
 TARGET_RSS_MB = 40.0
 TARGET_CPU_PERCENT = 0.5
 TARGET_STATUS_SECONDS = 0.3
+SLEEP = "; print('ready', flush=True); time.sleep(3600)"
 LIBRARIES = (
-    "import paho.mqtt.client, cryptography.x509, tpm2_pytss, click, time; "
-    "print('ready', flush=True); time.sleep(3600)"
+    "import paho.mqtt.client, cryptography.x509, tpm2_pytss, click, time"
 )
+# What a daemon that never made a key in this process has loaded: the
+# TLS provider talks to the TPM, tpm2-pytss is not needed.
+LIBRARIES_NO_PYTSS = "import paho.mqtt.client, cryptography.x509, click, time"
 
 
 def main() -> None:
@@ -47,16 +53,19 @@ def main() -> None:
         )
         device.configure(heartbeat_interval=HEARTBEAT)
         agent = _start_agent(device)
-        baseline = _start_baseline()
+        baseline = _start_baseline(LIBRARIES)
+        lean = _start_baseline(LIBRARIES_NO_PYTSS)
         try:
             _wait_enrolled(device)
             agent_cpu, base_cpu = _cpu_over(hold, agent.pid, baseline.pid)
             agent_mem = _memory(agent.pid)
             base_mem = _memory(baseline.pid)
+            lean_mem = _memory(lean.pid)
         finally:
-            for process in (agent, baseline):
+            for process in (agent, baseline, lean):
                 process.terminate()
                 process.wait(timeout=15)
+        restarted_mem = _restarted_memory(device)
         status_times = [_timed(device.command("status")) for _ in range(5)]
         python_times = [
             _timed([sys.executable, "-c", "pass"]) for _ in range(5)
@@ -64,6 +73,13 @@ def main() -> None:
         handles = len(made.swtpm.transient_handles())
 
     _print(hold, agent_cpu, base_cpu, agent_mem, base_mem)
+    rss = restarted_mem[0]
+    print(
+        f"RSS, restarted (no key made in process) | {rss:.1f} MB | "
+        f"{lean_mem[0]:.1f} MB without tpm2_pytss, ratio "
+        f"{report.ratio(rss, lean_mem[0])} | target <= {TARGET_RSS_MB:g} "
+        f"MB: {report.verdict(rss, TARGET_RSS_MB)}"
+    )
     status = report.median(status_times)
     python = report.median(python_times)
     print(
@@ -74,6 +90,34 @@ def main() -> None:
     )
     if handles:
         print(f"!! objects left loaded in swtpm: {handles}")
+    report.summarize(
+        "device-agent run at rest, RSS, after making a TPM key",
+        f"{agent_mem[0]:.1f} MB",
+        f"its libraries imported {base_mem[0]:.1f} MB",
+        f"target <= {TARGET_RSS_MB:g} MB: "
+        + report.verdict(agent_mem[0], TARGET_RSS_MB),
+    )
+    report.summarize(
+        "device-agent run at rest, RSS, restarted (no key made)",
+        f"{restarted_mem[0]:.1f} MB",
+        f"libraries without tpm2_pytss {lean_mem[0]:.1f} MB",
+        f"target <= {TARGET_RSS_MB:g} MB: "
+        + report.verdict(restarted_mem[0], TARGET_RSS_MB),
+    )
+    report.summarize(
+        f"device-agent run at rest, CPU, heartbeat {HEARTBEAT:g} s",
+        f"{agent_cpu:.3f} %",
+        f"libraries asleep {base_cpu:.3f} %",
+        f"target < {TARGET_CPU_PERCENT} %: "
+        + report.verdict(agent_cpu, TARGET_CPU_PERCENT),
+    )
+    report.summarize(
+        "device-agent status, cold start",
+        report.ms(status),
+        f"python -c pass {report.ms(python)}",
+        f"target < {TARGET_STATUS_SECONDS} s: "
+        + report.verdict(status, TARGET_STATUS_SECONDS),
+    )
 
 
 def _start_agent(device: Device) -> subprocess.Popen[str]:
@@ -85,9 +129,28 @@ def _start_agent(device: Device) -> subprocess.Popen[str]:
     )
 
 
-def _start_baseline() -> subprocess.Popen[str]:
+def _restarted_memory(device: Device) -> tuple[float, float]:
+    """The daemon's memory when it starts with its operational identity.
+
+    Making a TPM key loads tpm2-pytss, and with it libtss2-fapi and the
+    libraries that one links (curl, GnuTLS, Kerberos); a daemon that
+    only holds its session and signs through the OpenSSL provider never
+    loads them, until its next renewal.
+    """
+    (device.state / "status.json").unlink(missing_ok=True)
+    agent = _start_agent(device)
+    try:
+        _wait_enrolled(device)
+        time.sleep(SAMPLE_SECONDS)
+        return _memory(agent.pid)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=15)
+
+
+def _start_baseline(imports: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "-c", LIBRARIES],
+        [sys.executable, "-c", imports + SLEEP],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -160,7 +223,8 @@ def _print(
     print("measure | agent | baseline: libraries imported, asleep | verdict")
     rss, peak = agent_mem
     print(
-        f"RSS | {rss:.1f} MB (peak {peak:.1f}) | {base_mem[0]:.1f} MB, "
+        f"RSS, key made in process | {rss:.1f} MB (peak {peak:.1f}) | "
+        f"{base_mem[0]:.1f} MB, "
         f"ratio {report.ratio(rss, base_mem[0])} | target <= "
         f"{TARGET_RSS_MB:g} MB: {report.verdict(rss, TARGET_RSS_MB)}"
     )

@@ -6,6 +6,8 @@ memory are judged by reading the ratios they print, never by a test.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,77 @@ def test_a_benchmark_runs_and_prints_its_table(module, title):
     assert "!! objects left loaded" not in result.stdout
 
 
+def _run(module, *args, summary=None):
+    env = dict(os.environ)
+    if summary is not None:
+        env["BENCH_SUMMARY"] = str(summary)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=TOP,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+        env=env,
+    )
+
+
+def test_the_registrar_benchmark_compares_with_raw_signing(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+
+    result = _run("bench.registrar", "--runs", "2", summary=rows)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("registrar: "), result.stdout
+    assert "cryptography alone" in result.stdout
+    (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert row["value"].endswith("/s")
+    assert float(row["value"].removesuffix("/s")) > 0
+    assert "ratio" in row["note"]
+
+
+def test_the_fleet_benchmark_makes_connects_and_frees_every_device(
+    tmp_path,
+):
+    """Each device is made through the agent's code and gets a CONNACK;
+    the run ends with every session closed (a worker that failed to
+    connect one makes the benchmark fail)."""
+    rows = tmp_path / "rows.jsonl"
+
+    result = _run(
+        "bench.fleet", "--devices", "12", "--runs", "2", summary=rows
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("fleet: 12 software-key devices")
+    assert "memory, mosquitto" in result.stdout
+    whats = [
+        json.loads(line)["what"] for line in rows.read_text().splitlines()
+    ]
+    assert whats == [
+        "fleet: 12 software-key devices manufactured",
+        "fleet: 12 devices connected to one mosquitto, all held",
+    ]
+
+
+def test_the_summary_names_the_commit_and_prints_every_row(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps(
+            {"what": "a row", "value": "1 ms", "baseline": "b", "note": "n"}
+        )
+        + "\n"
+    )
+
+    result = _run("bench.summary", str(rows))
+
+    assert result.returncode == 0, result.stderr
+    title = result.stdout.splitlines()[0]
+    assert title.startswith("device-agent benchmarks, commit ")
+    assert "unknown" not in title
+    assert "a row | 1 ms" in result.stdout
+
+
 def test_the_daemon_at_rest_benchmark_runs():
     result = subprocess.run(
         [sys.executable, "-m", "bench.rest", "--runs", "1"],
@@ -47,6 +120,7 @@ def test_the_daemon_at_rest_benchmark_runs():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("rest: "), result.stdout
-    assert "RSS |" in result.stdout
+    assert "RSS, key made in process |" in result.stdout
+    assert "RSS, restarted" in result.stdout
     assert "CPU |" in result.stdout
     assert "!! objects left loaded" not in result.stdout
