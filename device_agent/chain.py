@@ -314,6 +314,24 @@ def _check_identity(leaf: x509.Certificate, device_id: str) -> None:
             f"not {device_id}",
         )
 
+    # A device URI naming someone else makes the certificate name two
+    # devices; the registrar and the broker would each see another one.
+    try:
+        alt = leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        return
+    uris = alt.get_values_for_type(x509.UniformResourceIdentifier)
+    ours = f"urn:device-agent:{device_id}"
+    others = [
+        u for u in uris if u.startswith("urn:device-agent:") and u != ours
+    ]
+    if others:
+        raise ChainError(
+            "wrong-identity", f"names {others[0]}, not {device_id}"
+        )
+
 
 def _name(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

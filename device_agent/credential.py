@@ -207,14 +207,19 @@ def open_session(
 
         if kind == "tpm":
             tls.load_tpm_provider(settings.tcti, settings.openssl_modules)
-        return tls.client_context(
-            ca_file,
-            chain_path,
-            key_path,
-            settings.tls_min_version,
-            max_tls_version,
-            settings.server_name,
-        )
+        try:
+            return tls.client_context(
+                ca_file,
+                chain_path,
+                key_path,
+                settings.tls_min_version,
+                max_tls_version,
+                settings.server_name,
+            )
+        except KeyStoreError:
+            if kind == "tpm":
+                _explain_tpm_refusal(settings, key_path)
+            raise
 
     return Session(
         settings.broker_host,
@@ -227,6 +232,20 @@ def open_session(
         reconnect_base=min(1.0, settings.retry_base),
         reconnect_cap=settings.retry_cap,
     )
+
+
+def _explain_tpm_refusal(settings: Settings, key_path: Path) -> None:
+    """Raise the TPM's own error when OpenSSL could not load its key.
+
+    OpenSSL reports a TPM that refuses to load a key (its object slots
+    full, say) only as a PEM error; loading the key once through the
+    TPM key store names the TPM and its return code instead. If that
+    load works, the caller's error stands.
+    """
+    from device_agent.keys.tpm import TPMKeyStore
+
+    with TPMKeyStore(settings.tcti).signer(key_path):
+        pass
 
 
 def status(
