@@ -35,7 +35,7 @@ from device_agent.errors import (
     TPMError,
 )
 from device_agent.renewal import renew
-from device_agent.session import Session
+from device_agent.session import Outbox, Session
 from device_agent.store import CredentialStore, Generation, write_atomic
 from device_agent.systemd import Notifier
 
@@ -48,6 +48,10 @@ LAST_GOOD_FILE = "last-good-time"
 # suspend, resume and clock steps are noticed within this many seconds.
 MAX_SLEEP = 5.0
 NEVER = float("inf")
+# Rounds of refusals of every credential before the device asks for
+# service, and the backoff step that stands for "as slow as allowed".
+REFUSED_ROUNDS = 3
+NEVER_RAMP = 64
 
 
 class RestartError(AgentError):
@@ -75,6 +79,10 @@ class Agent:
         self.identity: tuple[str, Generation] | None = None
         self.leaf: x509.Certificate | None = None
         self.retire_after_proof = False
+        # One outbox for every session this agent opens, so heartbeats
+        # queued while offline survive reconnects and renewals alike.
+        self.outbox = Outbox(self.settings.offline_queue)
+        self.heartbeats = 0
 
         self.state = "starting"
         self.clock_state = "trusted"
@@ -88,6 +96,7 @@ class Agent:
         self.next_heartbeat = 0.0
         self.next_connect = 0.0
         self.connect_attempt = 0
+        self.refused_rounds = 0
         self.failures = 0
         self.tick_failures = 0
         self.last_result = "none yet"
@@ -157,6 +166,8 @@ class Agent:
             now = self.now()
             if self._renewal_due(now):
                 self._renew(now)
+        elif self.now() >= self.next_heartbeat:
+            self._heartbeat(self.now())
         self._write_status_quietly()
         self.notifier.send(watchdog="1", status=self._summary())
 
@@ -223,15 +234,16 @@ class Agent:
         if now < self.next_connect:
             return
         self.state = "connecting"
-        for lineage, generation in self._candidates(now):
+        candidates = self._candidates(now)
+        refused = 0
+        for lineage, generation in candidates:
             try:
-                session = credential.open_session(
-                    self.settings, generation, lineage
-                )
+                session = self._new_session(generation, lineage)
                 session.open()
             except SessionError as exc:
                 self._connect_failed(lineage, generation, exc)
                 if exc.reason in ("refused", "tls"):
+                    refused += 1
                     continue
                 break
             except AgentError as exc:
@@ -240,8 +252,26 @@ class Agent:
                 continue
             self._use(session, lineage, generation)
             return
+        attempt = self.connect_attempt
+        if candidates and refused == len(candidates):
+            self.refused_rounds += 1
+        else:
+            self.refused_rounds = 0
+        if self.refused_rounds >= REFUSED_ROUNDS:
+            # The broker keeps refusing every credential we hold: most
+            # likely they were revoked. Hammering it cannot help; say so
+            # and try again only at the slowest pace, in case the fault
+            # was the broker's (a stale CRL refuses everybody).
+            self.state = "needs_service"
+            self.last_result = (
+                f"the broker refused every credential on this device "
+                f"{self.refused_rounds} times in a row (revoked?); it "
+                f"needs service. Last error: {self.last_result}"
+            )
+            logger.error("%s", self.last_result)
+            attempt = NEVER_RAMP
         delay = policy.retry_delay(
-            self.connect_attempt,
+            attempt,
             now,
             NEVER,
             NEVER,
@@ -251,6 +281,11 @@ class Agent:
         )
         self.connect_attempt += 1
         self.next_connect = now + delay
+
+    def _new_session(self, generation: Generation, lineage: str) -> Session:
+        session = credential.open_session(self.settings, generation, lineage)
+        session.outbox = self.outbox
+        return session
 
     def _connect_failed(
         self, lineage: str, generation: Generation, exc: AgentError
@@ -287,6 +322,7 @@ class Agent:
         self.identity = (lineage, generation)
         self.leaf = _leaf(generation)
         self.connect_attempt = 0
+        self.refused_rounds = 0
         self.state = "connected"
         self.next_heartbeat = self.now()
         self._schedule_renewal()
@@ -316,28 +352,45 @@ class Agent:
         self.identity = None
 
     def _heartbeat(self, now: float) -> None:
-        assert self.session is not None and self.identity is not None
-        lineage, generation = self.identity
+        """Send a heartbeat (QoS 1), or queue it while the link is down.
+
+        Queued ones go out in order once the link is back, so a monitor
+        sees the gap filled; only one the broker acknowledged right away
+        proves a new credential and lets the old keys go.
+        """
+        self.heartbeats += 1
+        lineage, generation = self.identity or (None, None)
         payload = json.dumps(
             {
                 "time": _iso(now),
+                "seq": self.heartbeats,
                 "identity": lineage,
-                "generation": generation.number,
+                "generation": generation.number if generation else None,
                 "serial": f"{self.leaf.serial_number:x}"
                 if self.leaf
                 else None,
             }
         ).encode()
-        try:
-            self.session.publish(self.settings.heartbeat_topic, payload)
-        except SessionError as exc:
-            logger.warning("heartbeat not delivered: %s", exc)
-            self.next_heartbeat = now + min(
-                5.0, self.settings.heartbeat_interval
-            )
-            return
+        topic = self.settings.heartbeat_topic
         self.next_heartbeat = now + self.settings.heartbeat_interval
-        if self.retire_after_proof:
+        try:
+            if self.session is None:
+                self.outbox.put(topic, payload, qos=1)
+                return
+            # A heartbeat that waits for its acknowledgement longer than
+            # the interval would hold up the next; it stays queued.
+            delivered = self.session.publish(
+                topic,
+                payload,
+                queue=True,
+                timeout=min(10.0, max(1.0, self.settings.heartbeat_interval)),
+            )
+        except SessionError as exc:
+            # A full queue was logged once when it filled up.
+            if exc.reason != "queue_full":
+                logger.warning("heartbeat not delivered: %s", exc)
+            return
+        if delivered and self.retire_after_proof:
             self._retire_old()
 
     def _retire_old(self) -> None:
@@ -406,9 +459,7 @@ class Agent:
             renewed = renew(
                 self.settings,
                 enroller,
-                lambda g: credential.open_session(
-                    self.settings, g, OPERATIONAL
-                ),
+                lambda g: self._new_session(g, OPERATIONAL),
             )
         except RenewalError as exc:
             self._renewal_failed(now, exc)
@@ -572,6 +623,11 @@ class Agent:
             "next_renewal": _iso(self.next_renewal),
             "last_result": self.last_result,
             "failures_in_row": self.failures,
+            "offline_queue": {
+                "held": len(self.outbox),
+                "limit": self.outbox.limit,
+                "dropped": self.outbox.dropped,
+            },
         }
         content = json.dumps(report, sort_keys=True)
         now = time.monotonic()
@@ -641,7 +697,13 @@ class Agent:
         self.state = "stopped"
         self._status_written = None
         self._write_status_quietly()
-        logger.info("agent stopped")
+        logger.info(
+            "agent stopped: %d heartbeats sent, %d messages still queued, "
+            "%d dropped on a full queue",
+            self.heartbeats,
+            len(self.outbox),
+            self.outbox.dropped,
+        )
 
 
 def running_pid(state_dir: Path) -> int | None:

@@ -49,6 +49,7 @@ class Settings:
     connect_timeout: float = 10.0
     openssl_modules: Path | None = None
     heartbeat_interval: float = 60.0
+    offline_queue: int = 1000
     renew_fraction: float = 2 / 3
     renew_jitter: float = 0.05
     renew_floor: float = 60.0
@@ -181,6 +182,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "connect_timeout": _number(0.1, 3600, "seconds"),
     "openssl_modules": _path,
     "heartbeat_interval": _number(0.1, 86400, "seconds"),
+    "offline_queue": _integer(0, 1_000_000),
     "renew_fraction": _number(0.1, 0.95, "a fraction of the lifetime"),
     "renew_jitter": _number(0, 0.5, "a fraction of the lifetime"),
     "renew_floor": _number(0, 365 * 86400, "seconds"),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import itertools
 import logging
 import queue
 import random
@@ -21,6 +24,7 @@ from device_agent.errors import SessionError
 logger = logging.getLogger(__name__)
 
 _PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+DEFAULT_OFFLINE_QUEUE = 1000
 
 
 class Message:
@@ -33,6 +37,130 @@ class Message:
         self.payload = payload
         self.qos = qos
         self.retain = retain
+
+
+@dataclasses.dataclass(eq=False)
+class Outgoing:
+    """A message accepted for delivery and not yet acknowledged."""
+
+    number: int
+    topic: str
+    payload: bytes
+    qos: int
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    refused: ReasonCode | None = None
+
+
+class Outbox:
+    """Messages waiting for the link or for their acknowledgement.
+
+    Bounded: at most ``limit`` messages are held, waiting or in flight;
+    one more is refused with SessionError("queue_full") and counted in
+    :attr:`dropped`, so a caller always knows what will not arrive, and
+    nothing a caller was told is on its way is ever dropped to make
+    room. One outbox can serve the successive sessions of an agent, so a
+    renewal that replaces the session loses nothing either. paho's own
+    queue is not used for this: it lives in a client, and every connect
+    makes a new client.
+    """
+
+    def __init__(self, limit: int = DEFAULT_OFFLINE_QUEUE) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self._waiting: collections.deque[Outgoing] = collections.deque()
+        self._in_flight: dict[tuple[int, int], Outgoing] = {}
+        self._acked_early: dict[tuple[int, int], ReasonCode | None] = {}
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._full = False
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._in_flight)
+
+    def put(self, topic: str, payload: bytes, qos: int) -> Outgoing:
+        """Accept a message at the end of the queue, or refuse it."""
+        with self._lock:
+            held = len(self._waiting) + len(self._in_flight)
+            if held < self.limit:
+                message = Outgoing(next(self._numbers), topic, payload, qos)
+                self._waiting.append(message)
+                return message
+            self.dropped += 1
+            first, self._full = not self._full, True
+        if first:
+            logger.warning(
+                "offline queue full (%d messages): refusing new messages "
+                "until the broker acknowledges some",
+                self.limit,
+            )
+        raise SessionError(
+            "queue_full",
+            f"offline queue full ({self.limit} messages); message to "
+            f"{topic} dropped ({self.dropped} so far)",
+        )
+
+    def take(self) -> Outgoing | None:
+        with self._lock:
+            return self._waiting.popleft() if self._waiting else None
+
+    def put_front(self, message: Outgoing) -> None:
+        with self._lock:
+            self._waiting.appendleft(message)
+
+    def sent(self, token: int, mid: int, message: Outgoing) -> None:
+        """``message`` went out as ``mid`` on connection ``token``."""
+        with self._lock:
+            if (token, mid) in self._acked_early:
+                code = self._acked_early.pop((token, mid))
+                self._finish(message, code)
+            else:
+                self._in_flight[(token, mid)] = message
+
+    def acked(self, token: int, mid: int, code: ReasonCode | None) -> None:
+        """The broker acknowledged ``mid`` on connection ``token``."""
+        with self._lock:
+            message = self._in_flight.pop((token, mid), None)
+            if message is not None:
+                self._finish(message, code)
+                return
+            # The acknowledgement can come before sent() is called, or be
+            # for a message published without the queue; forget() or the
+            # size limit clears those.
+            if len(self._acked_early) > 1000:
+                self._acked_early.clear()
+            self._acked_early[(token, mid)] = code
+
+    def forget(self, token: int, mid: int) -> None:
+        with self._lock:
+            self._acked_early.pop((token, mid), None)
+
+    def put_back(self, token: int) -> int:
+        """Queue again, in their order, what connection ``token`` lost."""
+        with self._lock:
+            lost = [key for key in self._in_flight if key[0] == token]
+            messages = [self._in_flight.pop(key) for key in lost]
+            self._acked_early = {
+                key: code
+                for key, code in self._acked_early.items()
+                if key[0] != token
+            }
+            waiting = sorted(
+                [*messages, *self._waiting], key=lambda m: m.number
+            )
+            self._waiting = collections.deque(waiting)
+        return len(messages)
+
+    def _finish(self, message: Outgoing, code: ReasonCode | None) -> None:
+        if code is not None and code.is_failure:
+            message.refused = code
+        message.done.set()
+        if self._full:
+            self._full = False
+            logger.info(
+                "offline queue has room again; %d messages dropped so far",
+                self.dropped,
+            )
 
 
 class Session:
@@ -56,6 +184,7 @@ class Session:
         connect_timeout: float = 10.0,
         reconnect_base: float = 1.0,
         reconnect_cap: float = 60.0,
+        outbox: Outbox | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -70,6 +199,9 @@ class Session:
         # Set when a reconnect failed on our side (the key or certificate
         # could not be used) rather than on the broker's or the network's.
         self.credential_error = False
+        # Messages published with queue=True wait here while the link is
+        # down; an owner may share one outbox between its sessions.
+        self.outbox = outbox or Outbox()
 
         self._context_factory = context_factory
         # Kept across reconnects: building one loads the key, which for a
@@ -89,7 +221,15 @@ class Session:
         self._acks_lock = threading.Lock()
         self._puback_codes: dict[int, ReasonCode] = {}
         self._thread: threading.Thread | None = None
+        # Guards the start of _thread against close() and a second start.
+        self._supervisor_lock = threading.Lock()
+        self._opened_at: float | None = None
         self._random = random.SystemRandom()
+        # Names each paho client (each connection), so that messages in
+        # flight on a connection that dropped can be queued again.
+        self._tokens = itertools.count(1)
+        self._token = 0
+        self._flush_lock = threading.Lock()
 
     @property
     def connected(self) -> bool:
@@ -101,30 +241,66 @@ class Session:
         return self._last_error
 
     def open(self) -> None:
-        """Connect once, and keep the session up from then on."""
+        """Connect once, and keep the session up from then on.
+
+        The thread that reconnects starts only when the link first
+        drops: starting it here would cost every connect a thread
+        start-up, and every session an idle thread while it stays up.
+        """
         self._connect_once()
-        self._thread = threading.Thread(
-            target=self._supervise,
-            name=f"session-{self.client_id}",
-            daemon=True,
-        )
-        self._thread.start()
+        self.flush()
+        with self._supervisor_lock:
+            self._opened_at = time.monotonic()
+        if self._changed.is_set():
+            self._start_supervisor()
+
+    def _start_supervisor(self) -> None:
+        """Start the reconnecting thread, once, if the session is open."""
+        with self._supervisor_lock:
+            if self._stop.is_set() or self._opened_at is None:
+                return
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._supervise,
+                args=(self._opened_at,),
+                name=f"session-{self.client_id}",
+                daemon=True,
+            )
+            self._thread.start()
 
     def publish(
-        self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0
-    ) -> None:
-        """Publish and, for QoS 1 and 2, wait until the broker has it."""
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        timeout: float = 10.0,
+        queue: bool = False,
+    ) -> bool:
+        """Publish and, for QoS 1 and 2, wait until the broker has it.
+
+        Without ``queue`` a message that cannot be delivered now raises
+        SessionError. With it (QoS 1 and 2 only) the message goes to the
+        outbox when the link is down, or back to it when the link drops
+        before the broker answered, and is sent when the link is back:
+        the result is True once the broker acknowledged it and False
+        while it waits; a full outbox raises SessionError("queue_full").
+        """
         check_topic(topic, wildcards=False)
+        if queue and qos:
+            return self._publish_queued(topic, payload, qos, timeout)
         client = self._require_client()
         info = client.publish(topic, payload, qos=qos)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise SessionError("lost", f"publish to {topic} failed")
         if not qos:
-            return
+            return True
         try:
             info.wait_for_publish(timeout)
         except RuntimeError as exc:
             raise SessionError("lost", str(exc)) from None
+        finally:
+            self.outbox.forget(self._token, info.mid)
         if not info.is_published():
             raise SessionError("timeout", f"no acknowledgement for {topic}")
         code = self._puback_codes.pop(info.mid, None)
@@ -132,6 +308,49 @@ class Session:
             raise SessionError(
                 "refused", f"publish to {topic} refused: {code}", code.value
             )
+        return True
+
+    def _publish_queued(
+        self, topic: str, payload: bytes, qos: int, timeout: float
+    ) -> bool:
+        message = self.outbox.put(topic, payload, qos)
+        if not self.connected:
+            return False
+        self.flush()
+        # A link that drops meanwhile puts the message back in the queue;
+        # the caller learns that at once rather than after the timeout.
+        deadline = time.monotonic() + timeout
+        while not message.done.wait(0.1):
+            if not self.connected or time.monotonic() >= deadline:
+                return False
+        if message.refused is not None:
+            code = message.refused
+            raise SessionError(
+                "refused", f"publish to {topic} refused: {code}", code.value
+            )
+        return True
+
+    def flush(self) -> int:
+        """Hand every waiting message to the link, oldest first.
+
+        Returns how many went out; the rest wait for the next connect.
+        """
+        sent = 0
+        with self._flush_lock:
+            client = self._client
+            if client is None or not self.connected:
+                return 0
+            token = self._token
+            while (message := self.outbox.take()) is not None:
+                info = client.publish(
+                    message.topic, message.payload, qos=message.qos
+                )
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self.outbox.put_front(message)
+                    break
+                self.outbox.sent(token, info.mid, message)
+                sent += 1
+        return sent
 
     def subscribe(
         self,
@@ -172,12 +391,15 @@ class Session:
         """Disconnect cleanly and stop the threads."""
         self._stop.set()
         self._changed.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        with self._supervisor_lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5.0)
         client, self._client = self._client, None
         if client is not None:
             client.disconnect()
             client.loop_stop()
+            self.outbox.put_back(self._token)
         self._connected.clear()
         self._context = None
 
@@ -236,6 +458,7 @@ class Session:
             raise SessionError("refused", f"CONNACK {code}", int(code.value))
 
         self._client = client
+        self._token = client.user_data_get()
         self._changed.clear()
         self._connected.set()
         if not client.is_connected():
@@ -274,6 +497,7 @@ class Session:
             client_id=self.client_id,
             protocol=_PROTOCOLS[self.mqtt_version],
             reconnect_on_failure=False,
+            userdata=next(self._tokens),
         )
         if self._context is None:
             self._context = self._context_factory()
@@ -287,10 +511,10 @@ class Session:
         client.on_log = self._on_log
         return client
 
-    def _supervise(self) -> None:
+    def _supervise(self, opened_at: float) -> None:
         """Wait for the link to drop, then reconnect with backoff."""
         attempt = 0
-        up_since = time.monotonic()
+        up_since: float | None = opened_at
         while not self._stop.is_set():
             self._changed.wait()
             if self._stop.is_set():
@@ -299,11 +523,18 @@ class Session:
             old, self._client = self._client, None
             if old is not None:
                 old.loop_stop()
+                requeued = self.outbox.put_back(self._token)
+                if requeued:
+                    logger.info("%d messages in flight queued again", requeued)
             # Only a link that stayed up a while resets the backoff: one that
             # drops soon after each CONNACK (a broker that kicks us, another
-            # client taking our id) must not be retried at full speed.
-            if time.monotonic() - up_since > self.reconnect_cap:
-                attempt = 0
+            # client taking our id) must not be retried at full speed. It is
+            # judged once, when the link drops, so that the failed attempts
+            # that follow keep backing off.
+            if up_since is not None:
+                if time.monotonic() - up_since > self.reconnect_cap:
+                    attempt = 0
+                up_since = None
             if self._reconnect(attempt):
                 up_since = time.monotonic()
             attempt += 1
@@ -336,6 +567,7 @@ class Session:
             return False
         self.credential_error = False
         self._restore_subscriptions()
+        self.flush()
         return True
 
     def _restore_subscriptions(self) -> None:
@@ -357,6 +589,7 @@ class Session:
         if code is not None and getattr(code, "is_failure", False):
             self._last_error = self._last_error or f"disconnected: {code}"
         self._changed.set()
+        self._start_supervisor()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.retain)
@@ -372,6 +605,8 @@ class Session:
     def _on_publish(
         self, client: Any, userdata: Any, mid: int, code: Any, props: Any
     ) -> None:
+        reason = code if isinstance(code, ReasonCode) else None
+        self.outbox.acked(userdata, mid, reason)
         if isinstance(code, ReasonCode) and code.is_failure:
             if len(self._puback_codes) > 1000:
                 self._puback_codes.clear()
@@ -410,6 +645,10 @@ def check_topic(topic: str, wildcards: bool) -> None:
         raise SessionError(
             "topic", "a topic must be 1 to 65535 bytes without NUL"
         )
+    # mosquitto drops the connection over a control character in a
+    # topic as a malformed packet, so such a topic is refused here.
+    if any(c < " " or "\x7f" <= c <= "\x9f" for c in topic):
+        raise SessionError("topic", f"{topic!r} holds a control character")
     levels = topic.split("/")
     for index, level in enumerate(levels):
         if not wildcards and ("+" in level or "#" in level):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -39,6 +40,13 @@ def bring_up(tmp_path, world, device_id: str) -> Device:
     device.configure(**FAST)
     device.run("renew", "--now")
     return device
+
+
+def refusal_rounds(last_result: str) -> int:
+    """How many rounds of refusals the agent reports having seen."""
+    found = re.search(r"(\d+) times in a row", last_result)
+    assert found, last_result
+    return int(found.group(1))
 
 
 def idevid_serial(device: Device) -> int:
@@ -199,11 +207,20 @@ def test_decommissioned_device_loses_its_idevid_too(
     assert factory_serial in revoked
     assert world.registry.get("dev-1").status == DECOMMISSIONED
     wait_for(
-        lambda: "connect failed" in agent(dev1).get("last_result", ""),
+        lambda: agent(dev1).get("state") == "needs_service",
         30,
-        "dev-1 to be refused with both credentials",
+        "dev-1 to give up on both revoked credentials",
     )
-    assert agent(dev1).get("identity") is None
+    report = agent(dev1)
+    assert report.get("identity") is None
+    assert "revoked" in report["last_result"]
+    # From now on it tries only at the slowest pace (retry_cap = 2 s
+    # here, waits of 1-2 s), never in a tight loop.
+    first = refusal_rounds(report["last_result"])
+    time.sleep(4)
+    later = agent(dev1)
+    assert later["state"] == "needs_service"
+    assert first <= refusal_rounds(later["last_result"]) <= first + 4
     line = refusal_line(dev1.run("connect", check=False))
     assert "certificate" in line.lower(), line
 
