@@ -154,6 +154,13 @@ def init(directory: Path, name: str) -> None:
     type=_SECONDS,
     help="Cap on the lifetime, in seconds.",
 )
+@click.option(
+    "--mqtt-version",
+    type=click.Choice(["5", "3.1.1"]),
+    default="5",
+    show_default=True,
+    help="MQTT protocol to speak (RabbitMQ 3.10 knows 3.1.1 only).",
+)
 def run(
     directory: Path,
     broker: str,
@@ -161,6 +168,7 @@ def run(
     lifetime: int,
     backdate: int,
     max_lifetime: int | None,
+    mqtt_version: str,
 ) -> None:
     """Answer enrollment requests until SIGINT or SIGTERM."""
     host, port = _host_port(broker)
@@ -172,6 +180,7 @@ def run(
         lifetime=lifetime,
         backdate=backdate,
         max_lifetime=max_lifetime,
+        mqtt_version=mqtt_version,
     )
 
     # One line per request is what this command shows, even without -v.
