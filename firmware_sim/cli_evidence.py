@@ -30,14 +30,17 @@ def evidence(directory: Path, out: Path | None) -> None:
     --dir). Exits non-zero when a device fails a requirement.
     """
     requirements = evidence_module.assess(directory)
+    refused = {d for r in requirements for d in r.notes}
     json_path, md_path = evidence_module.write(requirements, out or directory)
     for requirement in requirements:
-        verdict = "met" if requirement.met else "NOT MET"
-        if requirement.check.startswith("not run"):
-            verdict = "not run"
         click.echo(
-            f"{verdict}: {requirement.name} "
+            f"{requirement.verdict}: {requirement.name} "
             f"({requirement.checked} devices checked)"
+        )
+    if refused:
+        click.echo(
+            f"refused at the factory (not fleet devices): "
+            f"{', '.join(sorted(refused))}"
         )
     click.echo(f"evidence: {md_path} and {json_path}")
     failing = evidence_module.failing_devices(requirements)

@@ -10,7 +10,7 @@ import click
 
 from firmware_sim.ca import CertificateAuthority
 from firmware_sim.device import SOFTWARE, TPM, SimDevice
-from firmware_sim.factory import CloneError, FactoryLine, ek_ca_config
+from firmware_sim.factory import FactoryLine, ek_ca_config
 from firmware_sim.params import DirectoryPath
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,12 @@ def factory(
 ) -> None:
     """Manufacture devices: key on the device, CSR out, IDevID in.
 
-    Refuses a device serial or a public key the line has seen before.
+    Refuses a device serial or a public key the line has seen before,
+    and an id the line made with another serial, before writing
+    anything. Re-running a batch keeps the devices already made
+    ("kept ...") and makes the rest, so an interrupted run resumes.
     """
+    directory = directory.absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_dir = directory / CA_DIR
     if (ca_dir / "root.pem").exists():
@@ -80,8 +84,13 @@ def factory(
                 f"{serial_base}-{number:04d}",
                 key_store,
             )
-            _make(line, device, ca, setup)
-            click.echo(f"made {device.device_id} serial {device.serial}")
+            if _make(line, device, ca, setup):
+                click.echo(f"made {device.device_id} serial {device.serial}")
+            else:
+                click.echo(
+                    f"kept {device.device_id} serial {device.serial}: "
+                    "already made"
+                )
 
 
 def _make(
@@ -89,19 +98,32 @@ def _make(
     device: SimDevice,
     ca: CertificateAuthority,
     setup: Path | None,
-) -> None:
-    new = not device.directory.exists()
+) -> bool:
+    """Make ``device``; False when the line had already made it.
+
+    Every check runs before anything is written for the device: a board
+    the line made is never touched again, so re-running a batch (say
+    after Ctrl-C) keeps what was made and makes the rest. A directory
+    without a record is an interrupted build and is made again from
+    scratch; a build that fails leaves no directory behind.
+    """
+    if line.completed(device) is not None:
+        return False
+    if device.directory.exists():
+        logger.info("%s: unfinished, made again", device.device_id)
+        shutil.rmtree(device.directory)
     try:
         device.manufacture_tpm(setup)
         if device.tpm is not None:
             device.start_tpm()
         device.configure("127.0.0.1", 8883, ca.root_path, ca.root_path)
         line.manufacture(device)
-    except CloneError:
-        # A board the line refused leaves nothing behind on the line.
+    except BaseException:
         device.stop_tpm()
-        if new:
+        # Unless the line recorded it after all: a made board stays.
+        if line.record_of(device.device_id) is None:
             shutil.rmtree(device.directory, ignore_errors=True)
         raise
     finally:
         device.stop_tpm()
+    return True

@@ -9,7 +9,6 @@ import click
 from rich.console import Console
 
 from firmware_sim import fleet as fleet_module
-from firmware_sim import report
 from firmware_sim.params import DirectoryPath
 
 logger = logging.getLogger(__name__)
@@ -23,8 +22,9 @@ logger = logging.getLogger(__name__)
     "--scenario",
     type=click.Choice(fleet_module.SCENARIOS),
     required=True,
-    help="lifecycle, storm (identical lifetimes, started at once), "
-    "outage (broker and registrar down during renewals), clone.",
+    help="lifecycle (at least 5 devices), storm (identical lifetimes, "
+    "started at once; at least 2), outage (broker and registrar down "
+    "during renewals; at least 2), clone (at least 2).",
 )
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
     type=DirectoryPath(),
     default=Path("fleet-report"),
     show_default=True,
-    help="Where the report and the run's files go.",
+    help="Where the report and the run's files go; a previous run's "
+    "files in OUT/run are replaced (said on stderr).",
 )
 def fleet(
     count: int,
@@ -55,6 +56,13 @@ def fleet(
     out: Path,
 ) -> None:
     """Run simulated devices through a scenario and write a report."""
+    # The report draws with matplotlib: slow to import, so only here.
+    from firmware_sim import report
+
+    # Refuse a scenario it cannot run before saying anything else.
+    fleet_module.plan(scenario, count, seed, software_keys, lifetime)
+    if (out / "run").exists():
+        click.echo(f"replacing the previous run in {out / 'run'}", err=True)
     console = Console(stderr=True)
     outcome, _ = fleet_module.run(
         scenario, count, seed, out, software_keys, lifetime, console

@@ -148,8 +148,9 @@ class SimDevice:
             "state_dir": str(self.state_dir),
             "broker_host": broker_host,
             "broker_port": broker_port,
-            "ca_file": str(ca_file),
-            "trust_anchor": str(trust_anchor),
+            # Absolute: the agent runs from its own directory, not ours.
+            "ca_file": str(Path(ca_file).absolute()),
+            "trust_anchor": str(Path(trust_anchor).absolute()),
             **settings,
         }
         if self.tcti is not None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import stat
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,30 @@ class Requirement:
     check: str
     failures: dict[str, str] = dataclasses.field(default_factory=dict)
     checked: int = 0
+    # Devices checked that this run gave no chance to show it (a
+    # certificate that was never due for renewal, say): not failures.
+    undemonstrated: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Not fleet devices but worth saying: boards the factory refused.
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def met(self) -> bool:
         return not self.failures
+
+    @property
+    def verdict(self) -> str:
+        """ "NOT MET", "not run", "not demonstrated" or "met".
+
+        Met only when at least one device showed it: a check over no
+        device proves nothing, whatever kind of directory it ran on.
+        """
+        if self.failures:
+            return "NOT MET"
+        if self.check.startswith("not run"):
+            return "not run"
+        if self.checked <= len(self.undemonstrated):
+            return "not demonstrated in this run"
+        return "met"
 
     def fail(self, device_id: str, why: str) -> None:
         self.failures.setdefault(device_id, why)
@@ -120,11 +141,14 @@ class Sources:
 
 def assess(directory: Path) -> list[Requirement]:
     """Run every check over the run or line in ``directory``."""
-    sources = Sources.find(Path(directory))
-    devices = _devices(sources.devices)
+    sources = Sources.find(Path(directory).absolute())
     factory_ca = CertificateAuthority.load(sources.factory_ca)
     with FactoryLine(factory_ca, sources.factory_db) as line:
         records = {r.device_id: r for r in line.records()}
+        refusals = {device_id: why for _, device_id, why in line.refusals()}
+    devices, refused = _split_refused(
+        _devices(sources.devices), records, refusals
+    )
 
     issuances: dict[str, list[Issuance]] = {}
     statuses: dict[str, str] = {}
@@ -136,8 +160,10 @@ def assess(directory: Path) -> list[Requirement]:
             statuses = {d.device_id: d.status for d in registry.devices()}
         operational_ca = CertificateAuthority.load(sources.registrar / "ca")
 
+    identity = _unique_identity(devices, records)
+    identity.notes.update(refused)
     return [
-        _unique_identity(devices, records),
+        identity,
         _no_shared_credential(devices),
         _key_never_exported(devices),
         _rotation(devices, issuances, statuses, sources),
@@ -171,7 +197,10 @@ def write(requirements: list[Requirement], out: Path) -> tuple[Path, Path]:
                 "check": r.check,
                 "devices_checked": r.checked,
                 "met": r.met,
+                "verdict": r.verdict,
                 "failures": r.failures,
+                "not_demonstrated": r.undemonstrated,
+                "notes": r.notes,
             }
             for r in requirements
         ],
@@ -194,7 +223,7 @@ def _markdown(
         "|---|---|---|---|---|",
     ]
     for r in requirements:
-        result = "met" if r.met else f"**{len(r.failures)} fail**"
+        result = r.verdict if r.met else f"**{len(r.failures)} fail**"
         lines.append(
             f"| {r.name} | {r.how} | {r.check} | {r.checked} | {result} |"
         )
@@ -204,6 +233,18 @@ def _markdown(
     for requirement in requirements:
         for device_id, why in requirement.failures.items():
             lines.append(f"- {device_id}: {requirement.name}: {why}")
+    shown = [
+        (device_id, r.name, why)
+        for r in requirements
+        for device_id, why in r.undemonstrated.items()
+    ]
+    if shown:
+        lines += ["", "## Not demonstrated in this run (not failures)", ""]
+        lines += [f"- {d}: {name}: {why}" for d, name, why in shown]
+    notes = [(d, why) for r in requirements for d, why in r.notes.items()]
+    if notes:
+        lines += ["", "## Boards the factory refused (not fleet devices)", ""]
+        lines += [f"- {d}: {why}" for d, why in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -221,6 +262,33 @@ def _devices(directory: Path) -> list[DeviceState]:
             status = {}
         found.append(DeviceState(path.name, path, state_dir, status))
     return found
+
+
+def _split_refused(
+    devices: list[DeviceState],
+    records: dict[str, Record],
+    refusals: dict[str, str],
+) -> tuple[list[DeviceState], dict[str, str]]:
+    """Fleet devices, and the boards the line refused (id -> why).
+
+    A board the factory refused and never certified (a clone carrying
+    another's key) is the line doing its job, not a fleet device that
+    fails a requirement.
+    """
+    kept, refused = [], {}
+    for device in devices:
+        if (
+            device.device_id in refusals
+            and device.device_id not in records
+            and device.leaf(FACTORY) is None
+        ):
+            refused[device.device_id] = (
+                f"refused at the factory, no IDevID: "
+                f"{refusals[device.device_id]}"
+            )
+        else:
+            kept.append(device)
+    return kept, refused
 
 
 def _unique_identity(
@@ -249,12 +317,55 @@ def _unique_identity(
             requirement.fail(
                 device.device_id, "IDevID not in the factory records"
             )
+        else:
+            why = _disagreement(device, record, serials)
+            if why:
+                requirement.fail(device.device_id, why)
         for value in names + serials:
             other = seen.setdefault(value, device.device_id)
             if other != device.device_id:
                 requirement.fail(device.device_id, f"{value} also on {other}")
                 requirement.fail(other, f"{value} also on {device.device_id}")
     return requirement
+
+
+def _disagreement(
+    device: DeviceState, record: Record, cert_serials: list[str]
+) -> str | None:
+    """Why the device no longer is the board the line made, if so.
+
+    Its configured serial must be the one in its IDevID and the line's
+    record, and its TPM the one the line certified (same EK
+    certificate): a TPM set up again has a new seed, and the key the
+    IDevID certifies no longer loads in it.
+    """
+    configured = _configured_serial(device)
+    if configured != record.device_serial or cert_serials != [
+        record.device_serial
+    ]:
+        return (
+            f"serial disagrees: config {configured}, IDevID "
+            f"{cert_serials}, factory record {record.device_serial}"
+        )
+    if record.ek_cert is not None:
+        # The line recorded the first, as SimDevice.ek_certificates sorts.
+        found = sorted(device.directory.glob("ek/*.crt"))[:1]
+        prints = [hashlib.sha256(p.read_bytes()).hexdigest() for p in found]
+        if prints != [record.ek_cert]:
+            return (
+                "its TPM is not the one the line certified (EK certificate "
+                "changed): the IDevID key cannot load"
+            )
+    return None
+
+
+def _configured_serial(device: DeviceState) -> str | None:
+    try:
+        data = tomllib.loads((device.directory / "agent.toml").read_text())
+    except (OSError, ValueError):
+        return None
+    serial = data.get("serial")
+    return serial if isinstance(serial, str) else None
 
 
 def _no_shared_credential(devices: list[DeviceState]) -> Requirement:
@@ -342,7 +453,18 @@ def _rotation(
         requirement.checked += 1
         mine = issuances.get(device.device_id, [])
         leaf = device.leaf(OPERATIONAL)
-        if len(mine) < 2:
+        ended = _last_seen(device)
+        if len(mine) == 1 and ended < mine[0].not_after:
+            # Its only certificate still held when the run ended: the
+            # run gave it no need to renew.
+            requirement.undemonstrated[device.device_id] = (
+                "its only certificate had not expired when the run ended"
+            )
+            if leaf is None or leaf.serial_number != mine[0].cert_serial:
+                requirement.fail(
+                    device.device_id, "does not hold its newest certificate"
+                )
+        elif len(mine) < 2:
             requirement.fail(
                 device.device_id, f"{len(mine)} issued, no renewal"
             )
@@ -351,6 +473,15 @@ def _rotation(
                 device.device_id, "does not hold its newest certificate"
             )
     return requirement
+
+
+def _last_seen(device: DeviceState) -> datetime.datetime:
+    """When the device last wrote its status: when its run ended."""
+    try:
+        stamp = (device.state_dir / "status.json").stat().st_mtime
+    except OSError:
+        return datetime.datetime.now(datetime.UTC)
+    return datetime.datetime.fromtimestamp(stamp, datetime.UTC)
 
 
 def _revocation(

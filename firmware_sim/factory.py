@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from device_agent.credential import fingerprint
+from device_agent.credential import FACTORY, fingerprint
+from device_agent.errors import AgentError
 from firmware_sim.ca import CertificateAuthority, chain_pem
 from firmware_sim.device import SimDevice
 from firmware_sim.errors import SimError
@@ -81,7 +82,7 @@ class FactoryLine:
 
     def __init__(self, ca: CertificateAuthority, db_path: Path) -> None:
         self.ca = ca
-        self.db_path = Path(db_path)
+        self.db_path = Path(db_path).absolute()
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(
@@ -109,6 +110,48 @@ class FactoryLine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def check_new(self, device: SimDevice) -> None:
+        """Refuse ``device`` if its id or serial was made before.
+
+        Run before anything is written to the device, so that a refused
+        board leaves an already-made one of the same name untouched.
+
+        :raises CloneError: the serial or the id was seen before.
+        """
+        self._refuse_known_serial(device)
+
+    def completed(self, device: SimDevice) -> Record | None:
+        """The record of ``device`` if the line made exactly this board.
+
+        Id, serial and the IDevID on the device must all agree with the
+        record; then a re-run of the batch can leave it alone.
+
+        :raises CloneError: the id or serial is recorded for another
+            board, or the board no longer holds what the line made.
+        """
+        record = self.record_of(device.device_id)
+        if record is None:
+            self._refuse_known_serial(device)
+            return None
+        if record.device_serial != device.serial:
+            self._refuse(
+                device,
+                f"id {device.device_id} was already manufactured with "
+                f"serial {record.device_serial}, not {device.serial}",
+            )
+        try:
+            leaf = (
+                device.leaf(FACTORY) if device.config_path.exists() else None
+            )
+        except AgentError:
+            leaf = None
+        if leaf is None or leaf.serial_number != record.cert_serial:
+            raise FactoryError(
+                f"{device.device_id} is recorded as made but "
+                f"{device.directory} no longer holds its IDevID"
+            )
+        return record
 
     def manufacture(
         self, device: SimDevice, days: int = IDEVID_DAYS
@@ -215,7 +258,8 @@ class FactoryLine:
                 "INSERT INTO refused VALUES (NULL, ?, ?, ?, ?)",
                 (device.serial, device.device_id, reason, _now().isoformat()),
             )
-        logger.warning("refused: %s", reason)
+        # The caller reports the refusal; a warning too would say it twice.
+        logger.info("refused: %s", reason)
         raise CloneError(reason)
 
     def _insert(self, record: Record) -> None:

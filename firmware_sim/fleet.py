@@ -424,6 +424,7 @@ class Fleet:
                     "the scenario ran to its end", False, str(exc)
                 )
             finally:
+                self._judge_unsettled()
                 self._stop_all()
                 self.outcome.beats = world.beats_copy()
                 self._collect_records()
@@ -480,6 +481,7 @@ class Fleet:
         issued_at = self._identical_operational()
         self._boot()
         self._wait_storm(issued_at)
+        self._settle()
         self._check_records()
 
     def _outage(self) -> None:
@@ -816,6 +818,27 @@ class Fleet:
         )
         self._check_probes()
 
+    def _judge_unsettled(self) -> None:
+        """Judge every device a scenario ended without judging.
+
+        A scenario that stopped early (or one that never settles) must
+        still say, device by device, where each one ended; and the run
+        fails unless each reached its state.
+        """
+        for planned in self._genuine():
+            if planned.device_id in self.outcome.reached:
+                continue
+            device = self.devices.get(planned.device_id)
+            status = (device.status() if device else None) or {}
+            self.outcome.final[planned.device_id] = status
+            self.outcome.reached[planned.device_id] = _in_state(
+                planned.role, status
+            )
+        self.outcome.check(
+            "every device reached its state",
+            all(self.outcome.reached.values()),
+        )
+
     def _check_probes(self) -> None:
         if not self.outcome.probes:
             return
@@ -1100,9 +1123,11 @@ def run(
 ) -> tuple[Outcome, Path]:
     """Run a scenario; the world and devices live in ``out``/run."""
     the_plan = plan(scenario, count, seed, software_keys, lifetime)
+    out = Path(out).absolute()
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     workdir = out / "run"
     if workdir.exists():
+        logger.info("replacing the previous run in %s", workdir)
         shutil.rmtree(workdir)
     workdir.mkdir(mode=0o700)
     fleet = Fleet(the_plan, workdir, console)

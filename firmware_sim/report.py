@@ -234,22 +234,69 @@ def _records_markdown(outcome: Outcome) -> list[str]:
 
 
 def _key_stores(outcome: Outcome) -> str:
-    stores = sorted({d.key_store for d in outcome.plan.devices})
+    """The key store each device used, software-key ones by name."""
     named = {"tpm": "TPM (swtpm)", "software": "software, NOT hardware"}
-    return ", ".join(named[s] for s in stores)
+    by_store: dict[str, list[str]] = {}
+    for device in outcome.plan.devices:
+        label = device.device_id
+        if device.role == "clone":
+            label += " (the clone)"
+        by_store.setdefault(device.key_store, []).append(label)
+    if len(by_store) == 1:
+        return named[next(iter(by_store))]
+    # Mixed: the devices without a TPM are the ones to name.
+    common = "tpm"
+    parts = [f"{named[common]} for the others"]
+    for store, labels in sorted(by_store.items()):
+        if store != common:
+            parts.insert(0, f"{', '.join(labels)}: {named[store]}")
+    return "; ".join(parts)
+
+
+# How each intervention is drawn on the renewals plot.
+_INTERVENTIONS = {
+    "revoke": ("tab:red", "-"),
+    "decommission": ("tab:purple", "--"),
+    "reset": ("tab:orange", ":"),
+    "outage": ("tab:gray", "-."),
+}
 
 
 def _plot_renewals(outcome: Outcome, path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(8, 4))
     times = sorted(i["issued_at"] - outcome.started for i in outcome.issuances)
-    axes.step(times, range(1, len(times) + 1), where="post", color="tab:blue")
+    axes.step(
+        times,
+        range(1, len(times) + 1),
+        where="post",
+        color="tab:blue",
+        label="certificates issued",
+    )
+    counts: dict[str, int] = {}
+    for _, kind, _ in outcome.events:
+        if kind in _INTERVENTIONS:
+            counts[kind] = counts.get(kind, 0) + 1
+    labelled: set[str] = set()
     for at, kind, _ in outcome.events:
-        if kind in ("revoke", "decommission", "reset", "outage"):
-            axes.axvline(at - outcome.started, color="tab:red", alpha=0.3)
+        if kind not in _INTERVENTIONS:
+            continue
+        color, style = _INTERVENTIONS[kind]
+        label = None
+        if kind not in labelled:
+            labelled.add(kind)
+            label = f"{kind} ({counts[kind]})"
+        axes.axvline(
+            at - outcome.started,
+            color=color,
+            linestyle=style,
+            alpha=0.7,
+            label=label,
+        )
     axes.set_xlabel("seconds since the run started")
     axes.set_ylabel("operational certificates issued")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_title("Enrollments and renewals over time (red: interventions)")
+    axes.set_title("Enrollments and renewals over time, with interventions")
+    axes.legend(loc="upper left", fontsize="small")
     axes.grid(alpha=0.3)
     return _save(figure, path)
 

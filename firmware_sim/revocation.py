@@ -132,8 +132,28 @@ def write_crl(path: Path, crl: bytes) -> None:
     logger.info("CRL written to %s", path)
 
 
+def check_broker_pid(pid: int) -> None:
+    """Refuse a ``pid`` that is not a running mosquitto.
+
+    SIGHUP ends most programs: a mistyped pid must not kill one.
+    """
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        raise RevocationError(f"no process {pid} to reload") from None
+    except OSError as exc:
+        raise RevocationError(
+            f"process {pid}: {exc.strerror or exc}"
+        ) from None
+    if name != "mosquitto":
+        raise RevocationError(
+            f"process {pid} is {name!r}, not mosquitto: not signalled"
+        )
+
+
 def signal_reload(pid: int) -> None:
     """Make the mosquitto with ``pid`` read its CRL file again (SIGHUP)."""
+    check_broker_pid(pid)
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:

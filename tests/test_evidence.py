@@ -99,3 +99,38 @@ def test_cli_writes_evidence_and_fails_naming_the_device(fresh):
 
 def test_cli_refuses_a_directory_that_is_neither_run_nor_line(tmp_path):
     assert_refused(invoke(["evidence", str(tmp_path)]), str(tmp_path))
+
+
+def test_config_serial_that_disagrees_with_the_idevid_is_flagged(fresh):
+    config = fresh / "devices" / "sim-0002" / "agent.toml"
+    config.write_text(config.read_text().replace('"SN-0002"', '"BETA-0002"'))
+
+    found = by_name(evidence.assess(fresh))
+
+    failures = found["unique identity per device"].failures
+    assert list(failures) == ["sim-0002"]
+    assert "config BETA-0002" in failures["sim-0002"]
+
+
+def test_tpm_set_up_again_is_flagged(tmp_path):
+    line = tmp_path / "line"
+    made = invoke(["factory", "--dir", str(line), "--count", "1"])
+    assert made.exit_code == 0, made.output
+    assert by_name(evidence.assess(line))["unique identity per device"].met
+    ek = sorted((line / "devices" / "sim-0001" / "ek").glob("*.crt"))[0]
+    ek.write_bytes(ek.read_bytes() + b"\0")
+
+    found = by_name(evidence.assess(line))
+
+    failures = found["unique identity per device"].failures
+    assert "EK certificate changed" in failures["sim-0001"]
+
+
+def test_line_revocation_is_not_run_and_nothing_checked_is_not_met(fresh):
+    found = by_name(evidence.assess(fresh))
+
+    assert found["revocation"].verdict == "not run"
+    nothing = evidence.Requirement("x", "how", "check")
+    assert nothing.verdict == "not demonstrated in this run"
+    nothing.checked = 1
+    assert nothing.verdict == "met"

@@ -128,3 +128,70 @@ def test_cli_factory_makes_devices_and_refuses_a_known_serial(tmp_path):
         for p in sorted((tmp_path / "line" / "devices").iterdir())
     ]
     assert len(ids) == 2
+
+
+def factory_args(directory, count, prefix, base, *more):
+    return [
+        "factory", "--dir", str(directory), "--software-keys",
+        "--count", str(count), "--prefix", prefix, "--serial-base", base,
+        *more,
+    ]  # fmt: skip
+
+
+def test_cli_factory_relative_dir_gives_devices_absolute_paths(
+    tmp_path, monkeypatch
+):
+    from sim_cli import invoke
+
+    monkeypatch.chdir(tmp_path)
+    result = invoke(factory_args("line", 1, "sim", "SN"))
+    assert result.exit_code == 0, result.output
+    device = SimDevice(tmp_path / "line/devices/sim-0001", "sim-0001", "SN")
+    settings = device.settings()
+    assert settings.ca_file.is_absolute() and settings.ca_file.is_file()
+    assert device.leaf("idevid") is not None
+
+
+def test_cli_factory_refusal_leaves_made_devices_untouched(tmp_path):
+    from sim_cli import assert_refused, invoke, tree
+
+    line = tmp_path / "line"
+    assert invoke(factory_args(line, 2, "pi", "ACME")).exit_code == 0
+    before = tree(line / "devices")
+
+    refused = invoke(factory_args(line, 2, "pi", "BETA"))
+
+    assert_refused(refused, "ACME-0001")
+    assert tree(line / "devices") == before
+    again = invoke(factory_args(line, 2, "pi", "ACME"))
+    assert again.exit_code == 0, again.output
+    assert again.output.count("kept pi-") == 2
+    assert tree(line / "devices") == before
+
+
+def test_cli_factory_resumes_an_interrupted_batch(tmp_path, monkeypatch):
+    from sim_cli import invoke
+
+    line = tmp_path / "line"
+    real = SimDevice.install_chain
+
+    def interrupted(self, pem, lineage="idevid"):
+        if self.device_id == "pi-0002":
+            raise KeyboardInterrupt
+        return real(self, pem, lineage)
+
+    monkeypatch.setattr(SimDevice, "install_chain", interrupted)
+    assert invoke(factory_args(line, 3, "pi", "SN")).exit_code != 0
+    assert not (line / "devices" / "pi-0002").exists()
+    # A half-made board from a harder stop: a directory, no record.
+    (line / "devices" / "pi-0002" / "state").mkdir(parents=True)
+    monkeypatch.setattr(SimDevice, "install_chain", real)
+
+    result = invoke(factory_args(line, 3, "pi", "SN"))
+
+    assert result.exit_code == 0, result.output
+    assert "kept pi-0001" in result.output
+    assert "made pi-0002" in result.output and "made pi-0003" in result.output
+    for name in ("pi-0001", "pi-0002", "pi-0003"):
+        device = SimDevice(line / "devices" / name, name, "x")
+        assert device.leaf("idevid") is not None

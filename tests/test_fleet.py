@@ -110,6 +110,12 @@ def test_storm_of_200_software_devices_is_spread_by_jitter(tmp_path):
     assert sum(storm["buckets"]) == 200
     assert storm["peak_over_mean"] <= 2.0, storm
     assert outcome.checks["records match the certificates on the devices"]
+    assert outcome.checks["every device reached its state"]
+    assert len(outcome.reached) == 200 and all(outcome.reached.values())
+    assert len(outcome.final) == 200
+    assert all(s.get("identity") == "ldevid" for s in outcome.final.values())
+    data = report.deterministic(outcome)
+    assert len(data["reached"]) == 200 and all(data["reached"].values())
 
 
 def test_clone_is_refused_and_the_deterministic_part_repeats(tmp_path):
@@ -190,6 +196,7 @@ def test_expired_crl_locks_out_new_connections_until_reissued(
 
 def test_cli_fleet_writes_the_report_where_asked(tmp_path):
     out = tmp_path / "report"
+    (out / "run" / "old").mkdir(parents=True)
     result = invoke([
         "fleet", "--devices", "2", "--scenario", "clone",
         "--software-keys", "--seed", "4", "--out", str(out),
@@ -201,6 +208,43 @@ def test_cli_fleet_writes_the_report_where_asked(tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert data["deterministic"]["plan"]["seed"] == 4
     assert (out / "gaps.png").read_bytes().startswith(b"\x89PNG")
+    assert f"replacing the previous run in {out / 'run'}" in result.output
+    assert not (out / "run" / "old").exists()
+    markdown = (out / "report.md").read_text()
+    assert "Key store: software, NOT hardware." in markdown
+
+    # The clone the factory refused is reported as such, not as a fleet
+    # device without an identity; what the run never did is not failed.
+    found = {r.name: r for r in evidence.assess(out / "run")}
+    identity = found["unique identity per device"]
+    assert identity.verdict == "met", identity.failures
+    assert identity.checked == 2
+    assert [d.endswith("-clone") for d in identity.notes] == [True]
+    assert found["revocation"].checked == 0
+    assert found["revocation"].verdict == "not demonstrated in this run"
+    assert found["no default or shared credential"].verdict == "met"
+    rotation = found["rotation"]
+    assert not rotation.failures
+    assert rotation.verdict in ("met", "not demonstrated in this run")
+    # Software keys are not hardware-protected: that one is not met.
+    assert found["private key never exported"].verdict == "NOT MET"
+
+
+def test_report_names_the_key_store_of_each_device():
+    outcome = fleet.Outcome(fleet.plan("clone", 3, 9))
+    clone = outcome.plan.devices[-1].device_id
+    original = next(
+        d.device_id
+        for d in outcome.plan.devices[:-1]
+        if d.key_store == "software"
+    )
+
+    stores = report._key_stores(outcome)
+
+    assert stores == (
+        f"{original}, {clone} (the clone): software, NOT hardware; "
+        "TPM (swtpm) for the others"
+    )
 
 
 def test_cli_fleet_refuses_too_small_a_lifecycle(tmp_path):

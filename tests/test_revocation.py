@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -279,3 +281,90 @@ def test_cli_refuses_crl_out_without_the_factory_ca(registrar_world, tmp_path):
     assert result.exit_code != 0
     assert "--factory-ca" in result.output
     assert registrar_world.registry.get("dev-1").status == "active"
+
+
+@pytest.fixture
+def line_and_registrar(tmp_path):
+    """A one-device factory line and a registry that knows the device."""
+    from firmware_sim import registrar
+    from firmware_sim.registry import Registry
+
+    line = tmp_path / "line"
+    made = invoke([
+        "factory", "--dir", str(line), "--count", "1", "--prefix", "dev",
+        "--software-keys",
+    ])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    layout = registrar.prepare(tmp_path / "registrar")
+    with Registry(layout.registry_path) as registry:
+        registry.add("dev-0001")
+    return line, layout
+
+
+def revoke_args(line, layout, *more):
+    return [
+        "revoke", "dev-0001", "--factory-dir", str(line),
+        "--registrar-dir", str(layout.directory), *more,
+    ]  # fmt: skip
+
+
+def test_cli_revoke_refuses_to_signal_a_process_that_is_not_mosquitto(
+    line_and_registrar, tmp_path
+):
+    from sim_cli import assert_refused
+
+    from firmware_sim.registry import Registry
+
+    line, layout = line_and_registrar
+    crl_out = tmp_path / "crl.pem"
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        result = invoke(revoke_args(
+            line, layout, "--crl-out", str(crl_out),
+            "--broker-pid", str(bystander.pid),
+        ))  # fmt: skip
+        time.sleep(0.2)
+        assert bystander.poll() is None, "the bystander was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+    assert_refused(result, "not mosquitto")
+    gone = invoke(revoke_args(
+        line, layout, "--crl-out", str(crl_out),
+        "--broker-pid", str(bystander.pid),
+    ))  # fmt: skip
+    assert_refused(gone, f"no process {bystander.pid}")
+    nowhere = invoke(revoke_args(
+        line, layout, "--crl-out", str(tmp_path / "missing" / "crl.pem"),
+    ))  # fmt: skip
+    assert_refused(nowhere, "missing")
+    assert not crl_out.exists()
+    with Registry(layout.registry_path) as registry:
+        assert registry.get("dev-0001").status == "active"
+
+
+def test_cli_crl_check_refuses_a_warning_time_that_is_not_a_number(
+    tmp_path,
+):
+    from sim_cli import assert_refused
+
+    crl = tmp_path / "crl.pem"
+    crl.write_text("not used\n")
+    for value in ("nan", "inf"):
+        result = invoke(["crl-check", str(crl), "--warn-seconds", value])
+        assert_refused(result, value)
+
+
+def test_the_cli_loads_no_plotting_until_a_fleet_runs():
+    code = (
+        "import sys; from firmware_sim import cli; "
+        "print('matplotlib' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "False"
