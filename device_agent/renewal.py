@@ -124,7 +124,9 @@ class _Transaction:
     def _begin(self) -> tuple[Generation | None, str | None]:
         with self.store.lock():
             stale = self.store.pending()
-            if stale is not None:
+            if stale is not None and stale == self.store.current():
+                self.store.drop_pending()
+            elif stale is not None:
                 logger.warning(
                     "discarding generation %d left by an earlier renewal",
                     stale.number,

@@ -137,6 +137,15 @@ class CredentialStore:
     def set_pending(self, generation: Generation) -> None:
         self._point("pending", generation)
 
+    def drop_pending(self) -> None:
+        """Forget the pending pointer; the generation it led to stays.
+
+        A commit switches ``current`` first and drops ``pending`` after,
+        so an interruption between the two leaves both pointing at the
+        new generation, which is then in use and must be kept.
+        """
+        self._unpoint("pending")
+
     def install(self, generation: Generation, chain_pem: bytes) -> None:
         """Give ``generation`` its chain and make it the current one."""
         self.stage(generation, chain_pem)
@@ -240,6 +249,10 @@ class CredentialStore:
                 done.append(f"current -> {complete[-1].number}")
 
         pending = self.pending()
+        if pending is not None and pending == self.current():
+            self.drop_pending()
+            pending = None
+            done.append("dropped pending: it is current already")
         if pending is not None and pending.key_path() is None:
             self._unpoint("pending")
             pending = None
@@ -327,7 +340,20 @@ def _make_private_dir(path: Path) -> None:
         raise StoreError(f"{path}: {exc.strerror or exc}") from None
     if not path.is_dir():
         raise StoreError(f"{path}: not a directory")
-    mode = stat.S_IMODE(path.stat().st_mode)
+    check_private_dir(path)
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse an existing directory that group or others may enter.
+
+    A missing one passes: commands that only read find nothing there.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc}") from None
     if mode & 0o077:
         raise StoreError(
             f"{path} is open to group or others (mode {mode:04o}); keys are "
