@@ -42,6 +42,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from firmware_sim.ca import CertificateAuthority
+
 logger = logging.getLogger(__name__)
 
 TOP = Path(__file__).resolve().parent.parent
@@ -221,8 +223,8 @@ def scan_trees(
 
 def make_devices(count: int, root: Path) -> list[Path]:
     """``init`` and ``keygen`` for ``count`` software devices under root."""
-    ca_file = root / "ca.pem"
-    ca_file.write_bytes(b"")
+    # init wants a real trust anchor; a throwaway CA beside the trees.
+    ca_file = CertificateAuthority.create(root / "ca", "Scan CA").root_path
     trees = []
     for number in range(1, count + 1):
         tree = root / f"device-{number}"

@@ -107,6 +107,11 @@ class Agent:
         self._stop = False
         self._renew_now = False
         self._reload = False
+        # Requests to renew now (SIGUSR1) answered so far, and the last
+        # answer: ``renew --now`` waits for the count to grow, since the
+        # same refusal twice leaves ``last_result`` unchanged.
+        self.renew_requests_answered = 0
+        self.renew_answer: str | None = None
 
     def run(self) -> None:
         """Run until SIGTERM or SIGINT."""
@@ -168,6 +173,15 @@ class Agent:
                 self._renew(now)
         elif self.now() >= self.next_heartbeat:
             self._heartbeat(self.now())
+        if self._renew_now and self.state == "needs_service":
+            # No session to renew over, and none will come soon: the
+            # broker refuses every credential. Say so rather than keep
+            # the request waiting for a connection.
+            self._renew_now = False
+            self._answer_request(
+                "not attempted: the device needs service; the broker "
+                "refuses every credential it holds"
+            )
         self._write_status_quietly()
         self.notifier.send(watchdog="1", status=self._summary())
 
@@ -434,7 +448,27 @@ class Agent:
 
     def _renew(self, now: float) -> None:
         assert self.session is not None
-        self._renew_now = False
+        requested, self._renew_now = self._renew_now, False
+        in_service = self.state == "needs_service"
+        try:
+            self._attempt_renewal(now)
+        except BaseException as exc:
+            if requested:
+                self._answer_request(f"error: {_describe(exc)}")
+            raise
+        if not requested:
+            return
+        answer = self.last_result
+        if in_service and self.state == "needs_service":
+            answer += " (one attempt made although the device needs service)"
+        self._answer_request(answer)
+
+    def _answer_request(self, answer: str) -> None:
+        self.renew_requests_answered += 1
+        self.renew_answer = answer
+
+    def _attempt_renewal(self, now: float) -> None:
+        assert self.session is not None
         operational = (
             self.identity is not None and self.identity[0] == OPERATIONAL
         )
@@ -623,6 +657,10 @@ class Agent:
             "next_renewal": _iso(self.next_renewal),
             "last_result": self.last_result,
             "failures_in_row": self.failures,
+            "renew_now": {
+                "answered": self.renew_requests_answered,
+                "answer": self.renew_answer,
+            },
             "offline_queue": {
                 "held": len(self.outbox),
                 "limit": self.outbox.limit,
@@ -675,6 +713,7 @@ class Agent:
             logger.error("reload refused: state_dir cannot change")
             return
         self.settings = settings
+        self.outbox.limit = settings.offline_queue
         logger.info("config reloaded")
         if self.session is not None:
             self._drop_session("config reloaded")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import logging
+import os
 import shutil
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -19,7 +24,11 @@ from device_agent.config import Settings
 from device_agent.errors import ChainError, KeyStoreError, StoreError
 from device_agent.keys.software import check_private_file
 from device_agent.session import Session
-from device_agent.store import CredentialStore, Generation
+from device_agent.store import (
+    CredentialStore,
+    Generation,
+    check_private_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +111,7 @@ def signing_generation(store: CredentialStore) -> Generation:
 
 def make_csr(settings: Settings, lineage: str = FACTORY) -> bytes:
     """A PEM CSR signed by the pending (or current) key."""
+    check_private_dir(settings.state_dir)
     generation = signing_generation(open_store(settings, lineage))
     key_path = _key_path(generation)
     key_store = keys.for_key(key_path, settings)
@@ -190,6 +200,7 @@ def open_session(
     generation connects under its own client id, so that a session with
     a new credential can open while the old one is still up.
     """
+    check_private_dir(settings.state_dir)
     if generation is None:
         generation = CredentialStore(settings.state_dir, lineage).current()
     if generation is None:
@@ -248,32 +259,89 @@ def _explain_tpm_refusal(settings: Settings, key_path: Path) -> None:
         pass
 
 
+ERROR = "error"
+WARNING = "warning"
+_LINEAGE_NAMES = {FACTORY: "factory", OPERATIONAL: "operational"}
+# What status shows of the agent's status file, and the types it must have.
+_AGENT_FIELDS: dict[str, tuple[type, ...]] = {
+    "state": (str,),
+    "clock": (str,),
+    "clock_reason": (str,),
+    "next_renewal": (str, type(None)),
+    "last_result": (str,),
+    "failures_in_row": (int,),
+}
+
+
 def status(
     settings: Settings, now: datetime.datetime | None = None
 ) -> dict[str, Any]:
-    """What a person or a monitor needs to know about this device."""
+    """What a person or a monitor needs to know about this device.
+
+    ``problems`` lists what stands in the credential's way, each with a
+    level: an ``error`` means the credential cannot work as it is.
+    """
     now = now or datetime.datetime.now(datetime.UTC)
+    problems: list[dict[str, str]] = []
+    try:
+        check_private_dir(settings.state_dir)
+    except StoreError as exc:
+        problems.append({"level": ERROR, "problem": str(exc)})
     report: dict[str, Any] = {
         "device_id": settings.device_id,
         "serial": settings.serial,
         "key_store_setting": settings.key_store,
         "state_dir": str(settings.state_dir),
         "identities": {
-            lineage: _describe_lineage(settings, lineage, now)
+            lineage: _describe_lineage(settings, lineage, now, problems)
             for lineage in (FACTORY, OPERATIONAL)
         },
-        "agent": _agent_status(settings),
+        "agent": _agent_status(settings, problems),
     }
     report["tpm"] = _tpm_presence(settings)
+    report["problems"] = _fallback(problems)
     return report
 
 
+def _fallback(problems: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Operational troubles are warnings while the factory identity works.
+
+    The agent then falls back to the factory identity and enrolls a new
+    operational one by itself; only when that cannot happen is a broken
+    operational credential in the way.
+    """
+    prefix = f"{_LINEAGE_NAMES[OPERATIONAL]}: "
+    if any(
+        p["level"] == ERROR and not p["problem"].startswith(prefix)
+        for p in problems
+    ):
+        return problems
+    return [
+        {
+            "level": WARNING,
+            "problem": f"{p['problem']} (the agent falls back to the "
+            "factory identity and enrolls again)",
+        }
+        if p["level"] == ERROR
+        else p
+        for p in problems
+    ]
+
+
 def _describe_lineage(
-    settings: Settings, lineage: str, now: datetime.datetime
+    settings: Settings,
+    lineage: str,
+    now: datetime.datetime,
+    problems: list[dict[str, str]],
 ) -> dict[str, Any]:
+    name = _LINEAGE_NAMES[lineage]
+
+    def problem(text: str, level: str = ERROR) -> None:
+        problems.append({"level": level, "problem": f"{name}: {text}"})
+
     store = CredentialStore(settings.state_dir, lineage)
-    current = store.current()
-    pending = store.pending()
+    current = _pointer(store, "current", problem)
+    pending = _pointer(store, "pending", lambda text: problem(text, WARNING))
     described: dict[str, Any] = {
         "pending_generation": pending.number if pending else None,
         "key": None,
@@ -281,38 +349,143 @@ def _describe_lineage(
     }
     generation = current or pending
     key_path = generation.key_path() if generation else None
+    if generation is not None and key_path is None:
+        problem(f"generation {generation.number} holds no key")
     if generation is not None and key_path is not None:
-        kind = keys.kind_of(key_path)
+        try:
+            kind = keys.kind_of(key_path)
+        except KeyStoreError as exc:
+            problem(f"key unreadable: {exc}")
+            kind = "unknown"
         described["key"] = {
             "store": kind,
             "hardware_protected": kind == "tpm",
             "generation": generation.number,
         }
+        if kind != "unknown":
+            trouble = _key_trouble(key_path, kind)
+            if trouble is not None:
+                problem(f"key unreadable: {trouble}")
+                described["key"]["problem"] = trouble
     if current is not None and current.chain_path.is_file():
         try:
             described["certificate"] = _describe_leaf(current.chain_path, now)
         except ChainError as exc:
+            problem(f"certificate unreadable: {exc.detail}")
             described["certificate"] = {
                 "state": "unreadable",
                 "detail": exc.detail,
             }
+        else:
+            names = described["certificate"].pop("names")
+            if names != [settings.device_id]:
+                problem(
+                    "certificate names another device "
+                    f"(CN={', '.join(names) or 'none'}), not "
+                    f"{settings.device_id}: is state_dir another "
+                    "device's store?"
+                )
     return described
 
 
-def _agent_status(settings: Settings) -> dict[str, Any] | None:
+def _pointer(
+    store: CredentialStore, name: str, problem: Callable[[str], None]
+) -> Generation | None:
+    """A pointer of the store; a broken one is a problem, not a crash."""
+    try:
+        generation = store.current() if name == "current" else store.pending()
+    except StoreError as exc:
+        problem(f"{name} pointer broken: {exc}")
+        return None
+    link = store.root / name
+    if generation is None and os.path.lexists(link):
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = "?"
+        problem(f"{name} pointer broken: it leads to {target}, which is gone")
+    return generation
+
+
+def _key_trouble(path: Path, kind: str) -> str | None:
+    """Why the key file at ``path`` cannot work, or None if it looks fine.
+
+    Only the file is read: a TPM key's blob is checked for its armour and
+    encoding, without the TPM (which status does not need to reach).
+    """
+    try:
+        check_private_file(path)
+        data = path.read_bytes()
+    except KeyStoreError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if kind == "software":
+        try:
+            serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return "not a key (no PEM private key in the file)"
+        return None
+    return _tss2_trouble(data)
+
+
+def _tss2_trouble(data: bytes) -> str | None:
+    """The armour and outer DER of a TPM key blob, checked without TSS.
+
+    Importing the TSS bindings would slow every ``status`` down; a blob
+    damaged beyond this check is still caught when the agent loads it.
+    """
+    text = data.decode("ascii", "replace").strip().splitlines()
+    begin = "-----BEGIN TSS2 PRIVATE KEY-----"
+    end = "-----END TSS2 PRIVATE KEY-----"
+    if len(text) < 3 or text[0] != begin or text[-1] != end:
+        return "not a key (no TSS2 PRIVATE KEY in the file)"
+    try:
+        der = base64.b64decode("".join(text[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return "not a key (the TSS2 PRIVATE KEY is not base64)"
+    if not der.startswith(b"\x30"):
+        return "not a key (the TSS2 PRIVATE KEY is not DER)"
+    return None
+
+
+def _agent_status(
+    settings: Settings, problems: list[dict[str, str]]
+) -> dict[str, Any] | None:
     """What the running agent last wrote, or None when it never ran."""
     import json
 
     from device_agent.agent import running_pid
 
+    path = settings.status_file
     try:
-        report = json.loads(settings.status_file.read_text())
-    except (OSError, ValueError):
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not JSON"
+        _unreadable(problems, path, why or str(exc))
         return None
     if not isinstance(report, dict):
+        _unreadable(problems, path, "not a JSON object")
         return None
+    for field, types in _AGENT_FIELDS.items():
+        value = report.get(field)
+        if type(value) not in types:
+            _unreadable(problems, path, f"{field} is {value!r}"[:120])
+            return None
     report["running"] = running_pid(settings.state_dir) is not None
     return report
+
+
+def _unreadable(problems: list[dict[str, str]], path: Path, why: str) -> None:
+    problems.append(
+        {
+            "level": WARNING,
+            "problem": f"agent status file unreadable (ignored): "
+            f"{path}: {why}",
+        }
+    )
 
 
 def _describe_leaf(path: Path, now: datetime.datetime) -> dict[str, Any]:
@@ -324,7 +497,9 @@ def _describe_leaf(path: Path, now: datetime.datetime) -> dict[str, Any]:
         state = "expired"
     else:
         state = "valid"
+    names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return {
+        "names": [str(name.value) for name in names],
         "serial": f"{leaf.serial_number:x}",
         "subject": leaf.subject.rfc4514_string(_NAMES),
         "issuer": leaf.issuer.rfc4514_string(_NAMES),
@@ -362,6 +537,7 @@ def best_credential(
     settings: Settings, now: datetime.datetime | None = None
 ) -> tuple[str, Generation]:
     """The operational credential while it is valid, else the factory one."""
+    check_private_dir(settings.state_dir)
     now = now or datetime.datetime.now(datetime.UTC)
     for lineage in (OPERATIONAL, FACTORY):
         generation = CredentialStore(settings.state_dir, lineage).current()

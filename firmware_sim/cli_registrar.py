@@ -23,15 +23,23 @@ from firmware_sim.ca import (
 )
 from firmware_sim.errors import CAError, SimError
 from firmware_sim.params import DirectoryPath, RegularFile, ca_name
-from firmware_sim.registrar import Layout, Registrar, prepare
+from firmware_sim.registrar import (
+    Layout,
+    Registrar,
+    hold_directory,
+    prepare,
+)
 from firmware_sim.registry import (
     DECOMMISSIONED,
+    DEVICE_ID,
     REVOKED,
+    SERVICE_NAMES,
     Device,
     Issuance,
     Registry,
 )
 from firmware_sim.revocation import (
+    check_broker_pid,
     combined_crl,
     revoke_device,
     signal_reload,
@@ -73,6 +81,31 @@ def _serial(
         problem = f"{value!r} holds a control character"
     elif len(value) > MAX_SERIAL:
         problem = f"{len(value)} characters; at most {MAX_SERIAL} fit"
+    else:
+        return value
+    raise click.BadParameter(problem, ctx, param)
+
+
+# How much of a refused value an error message repeats.
+ECHO = 40
+
+
+def shorten(value: str, limit: int = ECHO) -> str:
+    """``value`` as a repr cut to ``limit`` characters, for messages."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _device_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A device id the agent would accept (its config's pattern)."""
+    if not DEVICE_ID.fullmatch(value):
+        problem = (
+            f"{shorten(value)} is not 1 to 64 letters, digits, '.', '_' "
+            "or '-' starting with a letter or digit"
+        )
+    elif value in SERVICE_NAMES:
+        problem = f"{value!r} is reserved for a broker service"
     else:
         return value
     raise click.BadParameter(problem, ctx, param)
@@ -172,6 +205,30 @@ def run(
 ) -> None:
     """Answer enrollment requests until SIGINT or SIGTERM."""
     host, port = _host_port(broker)
+    Layout(directory).check()
+    with hold_directory(directory):
+        _serve(
+            directory,
+            host,
+            port,
+            ca_file,
+            lifetime=lifetime,
+            backdate=backdate,
+            max_lifetime=max_lifetime,
+            mqtt_version=mqtt_version,
+        )
+
+
+def _serve(
+    directory: Path,
+    host: str,
+    port: int,
+    ca_file: Path,
+    lifetime: int,
+    backdate: int,
+    max_lifetime: int | None,
+    mqtt_version: str,
+) -> None:
     service = Registrar.from_directory(
         directory,
         host,
@@ -209,7 +266,7 @@ def run(
 
 
 @registrar.command()
-@click.argument("device_id")
+@click.argument("device_id", callback=_device_id)
 @click.option(
     "--serial",
     callback=_serial,
@@ -251,7 +308,7 @@ _BROKER_PID = click.option(
 
 
 @registrar.command()
-@click.argument("device_id")
+@click.argument("device_id", callback=_device_id)
 @_DIR
 @_FACTORY_CA
 @_CRL_OUT
@@ -284,7 +341,7 @@ def revoke(
 
 
 @registrar.command()
-@click.argument("device_id")
+@click.argument("device_id", callback=_device_id)
 @_DIR
 @_FACTORY_CA
 @click.option(
@@ -331,6 +388,24 @@ def decommission(
         )
 
 
+def check_outputs(crl_out: Path, broker_pid: int | None) -> None:
+    """Refuse a CRL path or broker pid that cannot work, before any change.
+
+    The registry is changed first and the CRL written after: found out
+    only then, a bad path or pid would leave a device revoked in the
+    records but still accepted by the broker.
+    """
+    if crl_out.is_dir():
+        raise SimError(f"--crl-out {crl_out} is a directory")
+    parent = crl_out.absolute().parent
+    if not parent.is_dir():
+        raise SimError(f"--crl-out {crl_out}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SimError(f"--crl-out {crl_out}: {parent} is not writable")
+    if broker_pid is not None:
+        check_broker_pid(broker_pid)
+
+
 def put_out_of_service(
     device_id: str,
     status: str,
@@ -347,6 +422,8 @@ def put_out_of_service(
         )
     if broker_pid is not None and crl_out is None:
         raise click.UsageError("--broker-pid needs --crl-out")
+    if crl_out is not None:
+        check_outputs(crl_out, broker_pid)
 
     layout = Layout(directory)
     operational = CertificateAuthority.load(layout.ca_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import click
@@ -21,7 +20,7 @@ from firmware_sim.errors import SimError
 from firmware_sim.factory import FactoryLine
 from firmware_sim.params import DirectoryPath, RegularFile
 from firmware_sim.registry import DECOMMISSIONED, REVOKED
-from firmware_sim.revocation import check_broker_pid, check_crl_file
+from firmware_sim.revocation import check_crl_file
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,6 @@ def revoke(
     it needs service.
     """
     _factory_record(factory_dir, device_id)
-    _check_outputs(crl_out, broker_pid)
     put_out_of_service(
         device_id,
         REVOKED,
@@ -115,7 +113,6 @@ def decommission(
 ) -> None:
     """Retire a device: every certificate it holds is revoked, IDevID too."""
     idevid = _factory_record(factory_dir, device_id)
-    _check_outputs(crl_out, broker_pid)
     put_out_of_service(
         device_id,
         DECOMMISSIONED,
@@ -148,24 +145,6 @@ def crl_check(crl_file: Path, warn_seconds: float) -> None:
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{crl_file}: every CRL is current")
-
-
-def _check_outputs(crl_out: Path, broker_pid: int | None) -> None:
-    """Refuse a CRL path or broker pid that cannot work, before any change.
-
-    The registry is changed first and the CRL written after: found out
-    only then, a bad path or pid would leave a device revoked in the
-    records but still accepted by the broker.
-    """
-    if crl_out.is_dir():
-        raise SimError(f"--crl-out {crl_out} is a directory")
-    parent = crl_out.absolute().parent
-    if not parent.is_dir():
-        raise SimError(f"--crl-out {crl_out}: no directory {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SimError(f"--crl-out {crl_out}: {parent} is not writable")
-    if broker_pid is not None:
-        check_broker_pid(broker_pid)
 
 
 def _factory_record(factory_dir: Path, device_id: str) -> int:

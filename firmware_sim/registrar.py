@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
 import queue
+import re
 import socket
 import ssl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -38,6 +44,7 @@ from firmware_sim.ca import (
 from firmware_sim.errors import SimError
 from firmware_sim.registry import (
     DECOMMISSIONED,
+    DEVICE_ID,
     REGISTRAR,
     REVOKED,
     OutOfServiceError,
@@ -62,6 +69,8 @@ CA_DIR = "ca"
 CHAIN_FILE = "registrar.pem"
 KEY_FILE = "registrar.key"
 REGISTRY_FILE = "registry.sqlite"
+# Held by the registrar serving a directory, with its pid inside.
+LOCK_FILE = "registrar.lock"
 
 DEFAULT_LIFETIME = 86400
 CREDENTIAL_DAYS = 365
@@ -69,6 +78,9 @@ CACHE_SIZE = 1024
 MAX_BACKLOG = 1000
 BUSY_RETRY_AFTER = 5.0
 PUBLISH_TIMEOUT = 5.0
+
+# Numbers the registrars of one process, for their client ids.
+_INSTANCES = itertools.count(1)
 
 # Put on the worker's inbox to wake it when the registrar stops.
 _WAKE = Message("", b"", 0, False)
@@ -119,6 +131,49 @@ class Layout:
                 f"{missing[0]}: no such file; run 'registrar init "
                 f"--dir {self.directory}' first"
             )
+
+
+def default_client_id() -> str:
+    """``registrar.<host>.<pid>.<n>``: a client id no one else holds.
+
+    A broker closes the older of two sessions with the same client id,
+    so a shared id would let any second registrar, or a test, knock the
+    serving one off. The broker's ACL goes by certificate CN, not by
+    client id, so the id may vary freely.
+    """
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+    return f"{NAME}.{host or 'host'}.{os.getpid()}.{next(_INSTANCES)}"
+
+
+@contextlib.contextmanager
+def hold_directory(directory: Path) -> Iterator[None]:
+    """Be the only registrar serving ``directory``, or refuse at once.
+
+    Two registrars on one registry would answer every request twice.
+    The lock goes with the process, so a killed registrar leaves none
+    behind; the pid inside only names the holder for the refusal.
+    """
+    path = Path(directory) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise RegistrarError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise RegistrarError(
+                f"{directory}: a registrar (pid {holder or '?'}) serves "
+                "this directory already"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def prepare(
@@ -273,7 +328,7 @@ class Registrar:
         drop_responses: int = 0,
         cache_size: int = CACHE_SIZE,
         max_backlog: int = MAX_BACKLOG,
-        client_id: str = NAME,
+        client_id: str | None = None,
         mqtt_version: str = "5",
     ) -> None:
         self.ca = ca
@@ -283,7 +338,7 @@ class Registrar:
         self.ca_file = Path(ca_file)
         self.chain_file = Path(chain_file)
         self.key_file = Path(key_file)
-        self.client_id = client_id
+        self.client_id = client_id or default_client_id()
         # RabbitMQ 3.10's MQTT plugin speaks 3.1.1 only.
         self.mqtt_version = mqtt_version
         self.max_backlog = max_backlog
@@ -707,7 +762,9 @@ def _requester(message: Message) -> str | None:
     device_id = messages.device_of(message.topic)
     if device_id is None or message.topic != messages.request_topic(device_id):
         return None
-    return device_id
+    # No device can hold another id: the agent and the registry both
+    # keep to this pattern, and its length bounds what gets logged.
+    return device_id if DEVICE_ID.fullmatch(device_id) else None
 
 
 def _salvage_id(payload: bytes) -> str | None:

@@ -283,6 +283,34 @@ def test_cli_refuses_crl_out_without_the_factory_ca(registrar_world, tmp_path):
     assert registrar_world.registry.get("dev-1").status == "active"
 
 
+def test_registrar_revoke_checks_its_outputs_before_any_change(
+    registrar_world, tmp_path
+):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        for extra in (
+            ["--crl-out", str(tmp_path / "missing" / "crl.pem")],
+            ["--crl-out", str(tmp_path / "crl.pem"),
+             "--broker-pid", str(sleeper.pid)],
+        ):  # fmt: skip
+            result = invoke([
+                "registrar", "revoke", "dev-1",
+                "--dir", str(registrar_world.layout.directory),
+                "--factory-ca", str(registrar_world.factory_ca.directory),
+                *extra,
+            ])  # fmt: skip
+            assert result.exit_code != 0, result.output
+            assert "--crl-out" in result.output or "mosquitto" in (
+                result.output
+            ), result.output
+            assert registrar_world.registry.get("dev-1").status == "active"
+        assert sleeper.poll() is None
+        assert not (tmp_path / "crl.pem").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 @pytest.fixture
 def line_and_registrar(tmp_path):
     """A one-device factory line and a registry that knows the device."""

@@ -7,13 +7,14 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from device_agent import credential
 from device_agent.cli.main import App, pass_app
 from device_agent.config import Settings
-from device_agent.errors import RenewalError, StoreError
+from device_agent.errors import AgentError, RenewalError, StoreError
 
 
 @click.command()
@@ -42,16 +43,16 @@ def renew(app: App, now: bool) -> None:
     settings = app.settings()
     pid = running_pid(settings.state_dir)
     if pid is not None:
-        before = _last_result(settings.status_file)
+        before = _answered(_read_status(settings.status_file))
         try:
             os.kill(pid, signal.SIGUSR1)
         except ProcessLookupError:
             raise StoreError(f"the agent (pid {pid}) is gone") from None
         click.echo(f"asked the running agent (pid {pid}) to renew now")
-        result = _wait_for_result(settings, before)
-        click.echo(f"agent: {result}")
-        if not result.startswith(("renewed", "enrolled")):
-            raise RenewalError("agent", result)
+        answer = _wait_for_answer(settings, pid, before)
+        if not answer.startswith(("renewed", "enrolled")):
+            raise AgentAnswerError(pid, answer)
+        click.echo(f"agent: {answer}")
         return
     leaf = credential.renew_once(settings)
     click.echo(
@@ -60,25 +61,63 @@ def renew(app: App, now: bool) -> None:
     )
 
 
-def _last_result(path: Path) -> str | None:
+class AgentAnswerError(RenewalError):
+    """The running agent answered a renew request with a failure."""
+
+    def __init__(self, pid: int, answer: str) -> None:
+        AgentError.__init__(self, f"the agent (pid {pid}): {answer}")
+        self.step = "agent"
+        self.detail = answer
+
+
+def _read_status(path: Path) -> dict[str, Any]:
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    result = report.get("last_result") if isinstance(report, dict) else None
-    return str(result) if result is not None else None
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
-def _wait_for_result(settings: Settings, before: str | None) -> str:
-    """The agent's next result after ``before``, as it writes status."""
-    deadline = time.monotonic() + settings.enroll_timeout + 30
+def _answered(report: dict[str, Any]) -> int | None:
+    """How many renew requests the agent answered, per its status file.
+
+    The count, not the result, tells an answer to this request: a second
+    refusal for the same reason reads exactly like the first.
+    """
+    answers = report.get("renew_now")
+    count = answers.get("answered") if isinstance(answers, dict) else None
+    return count if type(count) is int else None
+
+
+def _wait_for_answer(settings: Settings, pid: int, before: int | None) -> str:
+    """The agent's answer to our request, as soon as status.json has it."""
+    waited = settings.enroll_timeout + 30
+    deadline = time.monotonic() + waited
+    report: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        result = _last_result(settings.status_file)
-        changed = result is not None and result != before
-        if changed and not str(result).startswith("link down"):
-            return str(result)
-        time.sleep(0.2)
-    return "no result yet; see 'device-agent status'"
+        report = _read_status(settings.status_file)
+        count = _answered(report)
+        if count is not None and count > (before or 0):
+            answers = report["renew_now"]
+            return str(answers.get("answer") or report.get("last_result"))
+        if not _alive(pid):
+            return "it stopped before answering"
+        time.sleep(0.1)
+    state = report.get("state", "unknown")
+    return (
+        f"no answer in {waited:g} s (agent state: {state}; it renews once "
+        "connected); see 'device-agent status'"
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @click.command()

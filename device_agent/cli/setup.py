@@ -8,7 +8,7 @@ import click
 
 from device_agent import config
 from device_agent.cli.main import App, pass_app
-from device_agent.errors import ConfigError
+from device_agent.errors import ChainError, ConfigError
 from device_agent.store import CredentialStore, write_atomic
 
 
@@ -96,6 +96,8 @@ def init(
     for field, path in (("ca_file", ca_file), ("trust_anchor", trust_anchor)):
         if path is not None and not path.is_file():
             raise ConfigError(field, f"{path}: no such file")
+        if path is not None:
+            _check_bundle(field, path)
 
     target = app.config_path
     if target.exists() and not force:
@@ -113,6 +115,23 @@ def init(
             str(exc.filename or target), exc.strerror or str(exc)
         ) from None
     click.echo(f"wrote {target}")
+
+
+def _check_bundle(field: str, path: Path) -> None:
+    """Refuse a CA file without a certificate now, not at first connect.
+
+    Found later, an empty or garbled bundle shows only as a TLS failure
+    far from the command that named it.
+    """
+    from device_agent.chain import load_anchors
+
+    try:
+        load_anchors(path)
+    except ChainError as exc:
+        why = exc.detail.removeprefix(f"trust anchor {path}: ")
+        raise ConfigError(
+            field, f"{path}: not a CA certificate bundle: {why}"
+        ) from None
 
 
 COMMANDS = [init]

@@ -9,6 +9,7 @@ import click
 
 from device_agent import credential
 from device_agent.cli.main import App, pass_app
+from device_agent.errors import StoreError
 
 
 @click.command()
@@ -19,9 +20,18 @@ def status(app: App, as_json: bool) -> None:
     report = credential.status(app.settings())
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
-        return
-    for line in _lines(report):
-        click.echo(line)
+    else:
+        for line in _lines(report):
+            click.echo(line)
+    errors = [p for p in report["problems"] if p["level"] == credential.ERROR]
+    if errors:
+        # Everything was shown; the exit code tells a script or a
+        # monitor that the credential cannot work as it is.
+        plural = "" if len(errors) == 1 else "s"
+        raise StoreError(
+            f"{len(errors)} problem{plural} stand in the credential's way "
+            "(see above)"
+        )
 
 
 def _lines(report: dict[str, Any]) -> list[str]:
@@ -48,6 +58,9 @@ def _lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"TPM:             {answer} at {tpm['tcti']}")
     else:
         lines.append("TPM:             not checked (key_store = software)")
+    for problem in report["problems"]:
+        label = "PROBLEM:" if problem["level"] == "error" else "warning:"
+        lines.append(f"{label:17}{problem['problem']}")
     return lines
 
 
