@@ -51,6 +51,7 @@ from device_agent import config, credential
 from device_agent.config import Settings
 from device_agent.store import CredentialStore
 from firmware_sim.ca import CertificateAuthority, chain_pem
+from firmware_sim.process import reap_process
 
 DEFAULT_DEVICES = 1000
 SESSIONS_PER_WORKER = 250
@@ -160,16 +161,6 @@ def connect_raw(settings: Settings) -> float:
     return took
 
 
-def _memory(pid: int | str) -> tuple[float, float]:
-    """VmRSS and VmHWM (the peak) of a process, in MB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
-
-
 @contextlib.contextmanager
 def _timed_fsync() -> Iterator[list[float]]:
     """Add up the time spent in os.fsync, which keeps the store durable."""
@@ -240,7 +231,7 @@ class Fleet:
         self.workers = workers
         for worker in workers:
             worker.wait_for("ready")
-        ready = [_memory(worker.process.pid)[0] for worker in workers]
+        ready = [report.memory(worker.process.pid)[0] for worker in workers]
         self.memory["workers_ready"] = (sum(ready), 0.0)
         began = time.perf_counter()
         for worker in workers:
@@ -254,9 +245,9 @@ class Fleet:
 
         broker_pid = self.here.broker.pid
         assert broker_pid is not None
-        self.memory["bench"] = _memory("self")
-        self.memory["mosquitto"] = _memory(broker_pid)
-        memory = [_memory(worker.process.pid) for worker in workers]
+        self.memory["bench"] = report.memory("self")
+        self.memory["mosquitto"] = report.memory(broker_pid)
+        memory = [report.memory(worker.process.pid) for worker in workers]
         self.memory["workers"] = (
             sum(rss for rss, _ in memory),
             sum(peak for _, peak in memory),
@@ -314,11 +305,7 @@ class Worker:
     def end(self) -> None:
         if self.process.stdin is not None:
             self.process.stdin.close()
-        try:
-            self.process.wait(timeout=WORKER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        reap_process(self.process, timeout=WORKER_TIMEOUT)
 
 
 def serve(spec: dict[str, Any]) -> int:
@@ -348,6 +335,20 @@ def serve(spec: dict[str, Any]) -> int:
     return 0
 
 
+def _add_rate(
+    table: report.Table, fleet: Fleet, step: str, label: str, baseline: str
+) -> None:
+    """A step's rate and time per device, against its median baseline."""
+    seconds, raw = fleet.seconds[step], report.median(fleet.raw[step])
+    each = seconds / fleet.count
+    table.add(
+        label,
+        f"{fleet.count / seconds:.0f}/s",
+        report.ms(each),
+        f"{baseline} {report.ms(raw)}; ratio {report.ratio(each, raw)}",
+    )
+
+
 def build_table(
     fleet: Fleet, start: tuple[float, float], start_broker: tuple[float, float]
 ) -> report.Table:
@@ -357,29 +358,25 @@ def build_table(
         f"TLS 1.3; baselines on {len(fleet.raw['make'])} of them",
         ["measure", "rate", "each", "baseline and ratio"],
     )
-    raw_make = report.median(fleet.raw["make"])
-    make = fleet.seconds["make"]
-    table.add(
+    _add_rate(
+        table,
+        fleet,
+        "make",
         "manufactured: keygen, CSR, CA signs, install-chain",
-        f"{count / make:.0f}/s",
-        report.ms(make / count),
-        f"cryptography alone (key, CSR, cert) {report.ms(raw_make)}; "
-        f"ratio {report.ratio(make / count, raw_make)}",
+        "cryptography alone (key, CSR, cert)",
     )
     table.add(
         "    of which fsync (files and directories made durable)",
         "",
         report.ms(fleet.seconds["fsync"] / count),
-        f"{100 * fleet.seconds['fsync'] / make:.0f} % of it",
+        f"{100 * fleet.seconds['fsync'] / fleet.seconds['make']:.0f} % of it",
     )
-    raw_connect = report.median(fleet.raw["connect"])
-    connect = fleet.seconds["connect"]
-    table.add(
+    _add_rate(
+        table,
+        fleet,
+        "connect",
         "connected: Session.open to CONNACK, all held open",
-        f"{count / connect:.0f}/s",
-        report.ms(connect / count),
-        f"ssl socket + CONNECT, fleet up, {report.ms(raw_connect)}; "
-        f"ratio {report.ratio(connect / count, raw_connect)}",
+        "ssl socket + CONNECT, fleet up,",
     )
     table.add(
         "closed: DISCONNECT, threads joined",
@@ -421,8 +418,8 @@ def main() -> int:
     with world() as here:
         broker_pid = here.broker.pid
         assert broker_pid is not None
-        start = _memory("self")
-        start_broker = _memory(broker_pid)
+        start = report.memory("self")
+        start_broker = report.memory(broker_pid)
         fleet = Fleet(here, options.devices, options.runs)
         try:
             fleet.make()

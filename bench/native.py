@@ -29,6 +29,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from firmware_sim.process import reap_process
+
 STARTED = b"SSL_connect:before SSL initialization"
 HANDSHAKE_DONE = b"SSL negotiation finished successfully"
 CONNACK = 0x20
@@ -186,11 +188,7 @@ class CClient:
         """End of input: the client frees its key, flushing it from the TPM."""
         if self.process.stdin is not None and not self.process.stdin.closed:
             self.process.stdin.close()
-        try:
-            self.process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        reap_process(self.process, TIMEOUT)
 
     def _expect(self, word: str | None) -> str:
         assert self.process.stdout is not None

@@ -10,6 +10,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 DEFAULT_RUNS = 20
 
@@ -47,6 +48,16 @@ def quiet_logging() -> None:
         logging.Formatter("%(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+def memory(pid: int | str) -> tuple[float, float]:
+    """VmRSS and VmHWM (the peak) of a process, in MB; pid may be "self"."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
 
 
 def median(values: Sequence[float]) -> float:

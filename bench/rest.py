@@ -58,9 +58,9 @@ def main() -> None:
         try:
             _wait_enrolled(device)
             agent_cpu, base_cpu = _cpu_over(hold, agent.pid, baseline.pid)
-            agent_mem = _memory(agent.pid)
-            base_mem = _memory(baseline.pid)
-            lean_mem = _memory(lean.pid)
+            agent_mem = report.memory(agent.pid)
+            base_mem = report.memory(baseline.pid)
+            lean_mem = report.memory(lean.pid)
         finally:
             for process in (agent, baseline, lean):
                 process.terminate()
@@ -142,7 +142,7 @@ def _restarted_memory(device: Device) -> tuple[float, float]:
     try:
         _wait_enrolled(device)
         time.sleep(SAMPLE_SECONDS)
-        return _memory(agent.pid)
+        return report.memory(agent.pid)
     finally:
         agent.terminate()
         agent.wait(timeout=15)
@@ -191,16 +191,6 @@ def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # utime + stime
     return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _memory(pid: int) -> tuple[float, float]:
-    """VmRSS and VmHWM in MB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
 
 
 def _timed(command: list[str]) -> float:

@@ -54,6 +54,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bench import report
 from bench.world import Device, World, world
+from campaigns import common
 from device_agent.core import messages
 from firmware_sim.ca import CertificateAuthority, chain_pem
 
@@ -834,11 +835,7 @@ def _counting(
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaigns.bad_input",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.argument_parser("bad_input", __doc__)
     parser.add_argument("--fuzz", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=6)
     parser.add_argument(
@@ -902,9 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.add("failed", str(len(tally.failures)), "")
     table.add("time", f"{time.monotonic() - started:.1f} s", "")
     table.print()
-    for failure in tally.failures:
-        print(f"!! {failure}", file=sys.stderr)
-    return 1 if tally.failures else 0
+    return 1 if common.failed(tally.failures) else 0
 
 
 if __name__ == "__main__":

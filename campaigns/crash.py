@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 from bench import report
 from bench.world import Device, World, world
+from campaigns import common
 from device_agent import chain, config, keys
 from device_agent.credential import OPERATIONAL
 from device_agent.renewal import KILL_AT_ENV, STEPS
@@ -40,7 +41,6 @@ from device_agent.store import CredentialStore
 
 RANDOM = "random"
 POINTS = (*STEPS, RANDOM)
-STORES = ("tpm", "software")
 DEFAULT_KILLS = 200
 CONNECT_EVERY = 10
 RENEW_EVERY = 10
@@ -253,15 +253,7 @@ def build_table(
         f"crash campaign: {total} SIGKILLs during renew --now, seed {seed}",
         ["kill point", *(f"{s} kills" for s in stores), "survived"],
     )
-    for point in POINTS:
-        counts = [str(tally.kills[(s, point)]) for s in stores]
-        survived = sum(tally.survived[(s, point)] for s in stores)
-        table.add(point, *counts, str(survived))
-    table.rule()
-    counts = [str(sum(tally.kills[(s, p)] for p in POINTS)) for s in stores]
-    table.add("total", *counts, str(sum(tally.survived.values())))
-    table.rule()
-    blank = [""] * (len(stores) - 1)
+    common.add_point_rows(table, POINTS, stores, tally.kills, tally.survived)
     for label, value in (
         ("failed", len(tally.failures)),
         ("random kills inside the transaction", tally.in_transaction),
@@ -276,29 +268,15 @@ def build_table(
         ("connects checked", tally.connects),
         ("clean renewals", tally.renewals),
     ):
-        table.add(label, str(value), *blank, "")
-    table.add("time", f"{seconds:.1f} s", *blank, "")
+        table.add(label, str(value))
+    table.add("time", f"{seconds:.1f} s")
     return table
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaigns.crash",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return common.seeded_arguments(
+        "crash", __doc__, "--kills", DEFAULT_KILLS, argv
     )
-    parser.add_argument("--kills", type=int, default=DEFAULT_KILLS)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stores", default=",".join(STORES))
-    options = parser.parse_args(argv)
-    options.stores = [s for s in options.stores.split(",") if s]
-    if options.kills < 1:
-        parser.error("--kills must be at least 1")
-    if not options.stores or set(options.stores) - set(STORES):
-        parser.error(f"--stores takes a list from {','.join(STORES)}")
-    if options.seed is None:
-        options.seed = random.SystemRandom().randrange(2**32)
-    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,12 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with world(registered=list(names.values())) as here:
         targets = {}
         for store, name in names.items():
-            device = here.device(
-                name, tpm=store == "tpm", trust_anchor=here.client_ca_file
-            )
-            # The first renewal enrolls the operational identity over the
-            # factory one; the kills then hit renewals of that identity.
-            device.run("renew", "--now")
+            device = common.enrolled(here, name, tpm=store == "tpm")
             targets[store] = Target(here, device, tpm=store == "tpm")
 
         for planned in plan(options.kills, options.stores, options.seed):
@@ -327,9 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     seconds = time.monotonic() - started
     build_table(tally, options.stores, seconds, options.seed).print()
-    for failure in tally.failures:
-        print(f"!! {failure}", file=sys.stderr)
-    return 1 if tally.failures or tally.pending_at_end else 0
+    failed = common.failed(tally.failures)
+    return 1 if failed or tally.pending_at_end else 0
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from campaigns import common
 from firmware_sim.ca import CertificateAuthority
 
 logger = logging.getLogger(__name__)
@@ -286,11 +287,7 @@ def _read(path: Path) -> bytes | None:
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaigns.credscan",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.argument_parser("credscan", __doc__)
     parser.add_argument("--top", type=Path, default=TOP)
     parser.add_argument("--tree", type=Path, action="append", default=[])
     parser.add_argument("--devices", type=int, default=0)

@@ -35,21 +35,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
-import shutil
 import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +55,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import report
 from bench.world import Device, World, world
+from campaigns import common
+from campaigns.common import STORES
 from campaigns.proxy import Proxy
 from device_agent.core import backoff
 from firmware_sim.ca import chain_pem, key_pem
+from firmware_sim.process import stop_process
 from tpm_simulator.ports import free_port
 
-STORES = ("tpm", "software")
 FAULTS = ("restart", "kill", "handshake", "reset", "close", "stall")
 TIGHT = "tight"
 # What a reconnect may take beyond the backoff cap: the TLS handshake,
@@ -251,13 +250,8 @@ class Agent:
 
     def stop(self) -> None:
         """Stop the daemon and read its own account of what it sent."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=20)
         self.proxy.stop()
         self.monitor.close()
         text = self.log_path.read_text(errors="replace")
@@ -510,11 +504,7 @@ def build_tables(
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaigns.network",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.argument_parser("network", __doc__)
     parser.add_argument(
         "--outage", type=float, default=120.0,
         help="seconds the broker stays killed (default 120)",
@@ -545,27 +535,14 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"which faults, in order (default {','.join(FAULTS)})",
     )  # fmt: skip
     options = parser.parse_args(argv)
-    options.faults = [f for f in options.faults.split(",") if f]
-    if not options.faults or set(options.faults) - set(FAULTS):
-        parser.error(f"--faults takes a list from {','.join(FAULTS)}")
-    options.stores = [s for s in options.stores.split(",") if s]
-    if not options.stores or set(options.stores) - set(STORES):
-        parser.error(f"--stores takes a list from {','.join(STORES)}")
+    options.faults = common.choose(parser, "--faults", options.faults, FAULTS)
+    options.stores = common.choose(parser, "--stores", options.stores, STORES)
     for name in ("outage", "stall", "cap", "heartbeat"):
         if getattr(options, name) <= 0:
             parser.error(f"--{name} must be positive")
     if options.tight_queue < 0:
         parser.error("--tight-queue must not be negative")
     return options
-
-
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="network-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -578,13 +555,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = [(f"net-{s}", s == "tpm", 1000) for s in options.stores]
     plan.append((f"net-{TIGHT}", False, options.tight_queue))
 
-    with world(registered=[n for n, _, _ in plan]) as here, _scratch() as logs:
+    with (
+        world(registered=[n for n, _, _ in plan]) as here,
+        common.scratch("network-") as logs,
+    ):
         agents = []
         for name, tpm, queue in plan:
-            device = here.device(
-                name, tpm=tpm, trust_anchor=here.client_ca_file
-            )
-            device.run("renew", "--now")
+            device = common.enrolled(here, name, tpm)
             agents.append(Agent(here, device, queue, options, logs))
         campaign = Campaign(here, agents, options)
         rows = []
@@ -615,9 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for table in build_tables(campaign, rows, seconds):
         table.print()
         print()
-    for failure in campaign.failures:
-        print(f"!! {failure}", file=sys.stderr)
-    return 1 if campaign.failures else 0
+    return 1 if common.failed(campaign.failures) else 0
 
 
 if __name__ == "__main__":

@@ -47,15 +47,15 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from bench import report
 from bench.world import Device, world
+from campaigns import common
 from campaigns.crash import KILL_TIMEOUT, CheckError, Kill, Target
 from device_agent.credential import FACTORY, OPERATIONAL
 from device_agent.renewal import STEPS
@@ -64,7 +64,6 @@ from device_agent.store import CredentialStore
 RANDOM = "random"
 WRITE = "write"
 ENTRY_ENV = "POWERCUT_KILL_AT_ENTRY"
-STORES = ("tpm", "software")
 DEFAULT_CUTS = 200
 # Named steps end right after an fsync, so most of the damage a power
 # cut can do falls between them: half the cuts land at log entries, a
@@ -556,18 +555,8 @@ def build_table(
         f"power-cut campaign: {total} cuts during renew --now, seed {seed}",
         ["cut point", *(f"{s} cuts" for s in stores), "survived"],
     )
-    for point in (*STEPS, WRITE, RANDOM):
-        counts = [str(tally.cuts[(s, point)]) for s in stores]
-        survived = sum(tally.survived[(s, point)] for s in stores)
-        table.add(point, *counts, str(survived))
-    table.rule()
-    counts = [
-        str(sum(n for (s, _), n in tally.cuts.items() if s == store))
-        for store in stores
-    ]
-    table.add("total", *counts, str(sum(tally.survived.values())))
-    table.rule()
-    blank = [""] * (len(stores) - 1)
+    points = (*STEPS, WRITE, RANDOM)
+    common.add_point_rows(table, points, stores, tally.cuts, tally.survived)
     undone = ", ".join(f"{n} {op}" for op, n in sorted(tally.undone.items()))
     recovered = ", ".join(
         f"{n} {what}" for what, n in sorted(tally.recovered.items())
@@ -589,38 +578,15 @@ def build_table(
         ("connects checked", str(tally.connects)),
         ("clean renewals", str(tally.renewals)),
     ):
-        table.add(label, value, *blank, "")
-    table.add("time", f"{seconds:.1f} s", *blank, "")
+        table.add(label, value)
+    table.add("time", f"{seconds:.1f} s")
     return table
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaigns.powercut",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return common.seeded_arguments(
+        "powercut", __doc__, "--cuts", DEFAULT_CUTS, argv
     )
-    parser.add_argument("--cuts", type=int, default=DEFAULT_CUTS)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stores", default=",".join(STORES))
-    options = parser.parse_args(argv)
-    options.stores = [s for s in options.stores.split(",") if s]
-    if options.cuts < 1:
-        parser.error("--cuts must be at least 1")
-    if not options.stores or set(options.stores) - set(STORES):
-        parser.error(f"--stores takes a list from {','.join(STORES)}")
-    if options.seed is None:
-        options.seed = random.SystemRandom().randrange(2**32)
-    return options
-
-
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="powercut-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -634,13 +600,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The damage is drawn from its own generator, seeded like the plan.
     rng = random.Random(options.seed + 1)  # noqa: S311
 
-    with world(registered=list(names.values())) as here, _scratch() as logs:
+    with (
+        world(registered=list(names.values())) as here,
+        common.scratch("powercut-") as logs,
+    ):
         targets = {}
         for store, name in names.items():
-            device = here.device(
-                name, tpm=store == "tpm", trust_anchor=here.client_ca_file
-            )
-            device.run("renew", "--now")
+            device = common.enrolled(here, name, tpm=store == "tpm")
             target = Target(here, device, tpm=store == "tpm")
             traced_device = TracedDevice(device, logs / name)
             target.device = traced_device  # type: ignore[assignment]
@@ -659,9 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     seconds = time.monotonic() - started
     build_table(tally, options.stores, seconds, options.seed).print()
-    for failure in tally.failures:
-        print(f"!! {failure}", file=sys.stderr)
-    return 1 if tally.failures else 0
+    return 1 if common.failed(tally.failures) else 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -36,9 +35,11 @@ from pathlib import Path
 
 from bench import report
 from bench.world import Device, World, world
+from campaigns import common
+from campaigns.common import STORES
+from firmware_sim.process import stop_process
 from firmware_sim.registrar import Policy
 
-STORES = ("tpm", "software")
 SAMPLE_SPAN = 1.0
 SAMPLE_EVERY = 0.1
 RENEWED = re.compile(r"renewed: generation \d+")
@@ -92,14 +93,8 @@ class Daemon:
             )
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=30)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -254,11 +249,7 @@ def build_table(
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaigns.soak",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.argument_parser("soak", __doc__)
     parser.add_argument(
         "--minutes", type=float, default=60.0,
         help="how long the daemons run after the warm-up (default 60)",
@@ -285,9 +276,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--stores", default="tpm")
     options = parser.parse_args(argv)
-    options.stores = [s for s in options.stores.split(",") if s]
-    if not options.stores or set(options.stores) - set(STORES):
-        parser.error(f"--stores takes a list from {','.join(STORES)}")
+    options.stores = common.choose(parser, "--stores", options.stores, STORES)
     if options.minutes <= 0:
         parser.error("--minutes must be positive")
     if options.lifetime < 2:
@@ -311,10 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         here.registrar.policy = Policy(lifetime=options.lifetime)
         daemons = {}
         for store, name in names.items():
-            device = here.device(
-                name, tpm=store == "tpm", trust_anchor=here.client_ca_file
-            )
-            device.run("renew", "--now")
+            device = common.enrolled(here, name, tpm=store == "tpm")
             daemons[name] = Daemon(here, device, store == "tpm", options)
         try:
             for daemon in daemons.values():
@@ -354,9 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     seconds = time.monotonic() - started
     build_table(rows, options, seconds, len(failures)).print()
-    for failure in failures:
-        print(f"!! {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if common.failed(failures) else 0
 
 
 if __name__ == "__main__":

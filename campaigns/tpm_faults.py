@@ -43,6 +43,7 @@ from typing import Any
 
 from bench import report
 from bench.world import Device, World, world
+from campaigns import common
 from device_agent.agent import RestartError
 
 DEVICE = "faults-tpm"
@@ -432,11 +433,7 @@ def run_scenario(
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m campaigns.tpm_faults",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.argument_parser("tpm_faults", __doc__)
     parser.add_argument("--handshakes", type=int, default=DEFAULT_HANDSHAKES)
     parser.add_argument("--renewals", type=int, default=DEFAULT_RENEWALS)
     options = parser.parse_args(argv)

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Self
 
 from firmware_sim.errors import BrokerError
+from firmware_sim.process import stop_process
 from tpm_simulator.errors import PortInUseError
 from tpm_simulator.ports import port_is_free
 
@@ -138,13 +139,8 @@ class Broker:
         if process.poll() is not None:
             return
 
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if not stop_process(process, timeout):
             logger.warning("broker pid %d ignored SIGTERM", process.pid)
-            process.kill()
-            process.wait(timeout)
         logger.info("broker stopped: pid %d, port %d", process.pid, self.port)
 
     def reload(self, timeout: float = 5.0) -> None:

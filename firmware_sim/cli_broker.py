@@ -38,7 +38,7 @@ from firmware_sim.ca import (
 )
 from firmware_sim.cli_ca import CRL_DAYS, server_names
 from firmware_sim.errors import BrokerError, CAError
-from firmware_sim.params import DirectoryPath
+from firmware_sim.params import directory_option
 
 logger = logging.getLogger(__name__)
 
@@ -51,30 +51,24 @@ LOCAL_NAMES = ("localhost", "127.0.0.1")
 # Where Debian and others install mosquitto, off the PATH of most users.
 _SBIN = ("/usr/sbin", "/usr/local/sbin")
 
-_DIR = click.option(
+_DIR = directory_option(
     "--dir",
     "directory",
-    type=DirectoryPath(),
-    default=Path("broker"),
-    show_default=True,
-    envvar="FIRMWARE_SIM_BROKER_DIR",
+    default="broker",
     help="Directory of the broker's config, certificates and CRLs.",
+    envvar="FIRMWARE_SIM_BROKER_DIR",
 )
-_FACTORY_CA = click.option(
+_FACTORY_CA = directory_option(
     "--factory-ca",
-    type=DirectoryPath(),
-    default=Path("ca"),
-    show_default=True,
-    envvar="FIRMWARE_SIM_CA_DIR",
+    default="ca",
     help="Directory of the factory CA ('ca init'); it signs the broker.",
+    envvar="FIRMWARE_SIM_CA_DIR",
 )
-_REGISTRAR_DIR = click.option(
+_REGISTRAR_DIR = directory_option(
     "--registrar-dir",
-    type=DirectoryPath(),
-    default=Path("registrar"),
-    show_default=True,
-    envvar="FIRMWARE_SIM_REGISTRAR_DIR",
+    default="registrar",
     help="Directory of the registrar ('registrar init').",
+    envvar="FIRMWARE_SIM_REGISTRAR_DIR",
 )
 _CRL_DAYS = click.option(
     "--crl-days",

@@ -26,22 +26,20 @@ from firmware_sim.ca import (
 )
 from firmware_sim.errors import CAError
 from firmware_sim.params import (
-    DirectoryPath,
     NonEmptyPath,
     ca_name,
+    directory_option,
 )
 
 logger = logging.getLogger(__name__)
 
 
-_CA_DIR = click.option(
+_CA_DIR = directory_option(
     "--dir",
     "directory",
-    type=DirectoryPath(),
-    default=Path("ca"),
-    show_default=True,
-    envvar="FIRMWARE_SIM_CA_DIR",
+    default="ca",
     help="Directory of the CA's certificates and keys.",
+    envvar="FIRMWARE_SIM_CA_DIR",
 )
 _DAYS = click.IntRange(1, MAX_DAYS)
 _OUT = NonEmptyPath(path_type=Path, dir_okay=False)

@@ -11,7 +11,7 @@ import click
 from firmware_sim.ca import CertificateAuthority
 from firmware_sim.device import SOFTWARE, TPM, SimDevice
 from firmware_sim.factory import FactoryLine, ek_ca_config
-from firmware_sim.params import DirectoryPath
+from firmware_sim.params import directory_option
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +22,10 @@ DEVICES_DIR = "devices"
 
 
 @click.command()
-@click.option(
+@directory_option(
     "--dir",
     "directory",
-    type=DirectoryPath(),
-    default=Path("factory"),
-    show_default=True,
+    default="factory",
     help="The line: its CA, records and the devices it made.",
 )
 @click.option(

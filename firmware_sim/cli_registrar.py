@@ -22,7 +22,12 @@ from firmware_sim.ca import (
     check_serial,
 )
 from firmware_sim.errors import CAError, SimError
-from firmware_sim.params import DirectoryPath, RegularFile, ca_name
+from firmware_sim.params import (
+    DirectoryPath,
+    RegularFile,
+    ca_name,
+    directory_option,
+)
 from firmware_sim.registrar import (
     Layout,
     Registrar,
@@ -48,14 +53,12 @@ from firmware_sim.revocation import (
 
 logger = logging.getLogger(__name__)
 
-_DIR = click.option(
+_DIR = directory_option(
     "--dir",
     "directory",
-    type=DirectoryPath(),
-    default=Path("registrar"),
-    show_default=True,
-    envvar="FIRMWARE_SIM_REGISTRAR_DIR",
+    default="registrar",
     help="Directory of the operational CA, credential and registry.",
+    envvar="FIRMWARE_SIM_REGISTRAR_DIR",
 )
 
 # Lifetimes and backdating stop where the CA's days do: beyond them lie
@@ -207,7 +210,7 @@ def run(
     host, port = _host_port(broker)
     Layout(directory).check()
     with hold_directory(directory):
-        _serve(
+        service = Registrar.from_directory(
             directory,
             host,
             port,
@@ -217,29 +220,10 @@ def run(
             max_lifetime=max_lifetime,
             mqtt_version=mqtt_version,
         )
+        _serve(service, host, port)
 
 
-def _serve(
-    directory: Path,
-    host: str,
-    port: int,
-    ca_file: Path,
-    lifetime: int,
-    backdate: int,
-    max_lifetime: int | None,
-    mqtt_version: str,
-) -> None:
-    service = Registrar.from_directory(
-        directory,
-        host,
-        port,
-        ca_file,
-        lifetime=lifetime,
-        backdate=backdate,
-        max_lifetime=max_lifetime,
-        mqtt_version=mqtt_version,
-    )
-
+def _serve(service: Registrar, host: str, port: int) -> None:
     # One line per request is what this command shows, even without -v.
     service_logger = logging.getLogger("firmware_sim.registrar")
     if service_logger.getEffectiveLevel() > logging.INFO:

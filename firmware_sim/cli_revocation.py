@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -18,25 +20,23 @@ from firmware_sim.cli_factory import CA_DIR, DB_FILE
 from firmware_sim.cli_registrar import put_out_of_service
 from firmware_sim.errors import SimError
 from firmware_sim.factory import FactoryLine
-from firmware_sim.params import DirectoryPath, RegularFile
+from firmware_sim.params import RegularFile, directory_option
 from firmware_sim.registry import DECOMMISSIONED, REVOKED
 from firmware_sim.revocation import check_crl_file
 
 logger = logging.getLogger(__name__)
 
-_REGISTRAR_DIR = click.option(
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_REGISTRAR_DIR = directory_option(
     "--registrar-dir",
-    type=DirectoryPath(),
-    default=Path("registrar"),
-    show_default=True,
-    envvar="FIRMWARE_SIM_REGISTRAR_DIR",
+    default="registrar",
     help="Directory of the operational CA and registry.",
+    envvar="FIRMWARE_SIM_REGISTRAR_DIR",
 )
-_FACTORY_DIR = click.option(
+_FACTORY_DIR = directory_option(
     "--factory-dir",
-    type=DirectoryPath(),
-    default=Path("factory"),
-    show_default=True,
+    default="factory",
     help="The factory line (firmware-sim factory --dir).",
 )
 _CRL_OUT = click.option(
@@ -56,6 +56,22 @@ _BROKER_PID = click.option(
 )
 
 
+def _out_of_service_options(command: _F) -> _F:
+    """What revoke and decommission both take, in this order."""
+    for option in reversed(
+        (
+            click.argument("device_id"),
+            _REGISTRAR_DIR,
+            _FACTORY_DIR,
+            _CRL_OUT,
+            _CRL_DAYS,
+            _BROKER_PID,
+        )
+    ):
+        command = option(command)
+    return command
+
+
 def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
     """Click callback: a number of seconds, not nan or infinity."""
     if not math.isfinite(value):
@@ -64,12 +80,7 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 
 
 @click.command()
-@click.argument("device_id")
-@_REGISTRAR_DIR
-@_FACTORY_DIR
-@_CRL_OUT
-@_CRL_DAYS
-@_BROKER_PID
+@_out_of_service_options
 def revoke(
     device_id: str,
     registrar_dir: Path,
@@ -97,12 +108,7 @@ def revoke(
 
 
 @click.command()
-@click.argument("device_id")
-@_REGISTRAR_DIR
-@_FACTORY_DIR
-@_CRL_OUT
-@_CRL_DAYS
-@_BROKER_PID
+@_out_of_service_options
 def decommission(
     device_id: str,
     registrar_dir: Path,

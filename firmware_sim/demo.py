@@ -21,6 +21,7 @@ from firmware_sim import registrar
 from firmware_sim.broker import Broker
 from firmware_sim.ca import CertificateAuthority, chain_pem, key_pem
 from firmware_sim.errors import SimError
+from firmware_sim.process import stop_process
 from tpm_simulator.ports import free_port, free_port_pair
 from tpm_simulator.swtpm import Swtpm
 
@@ -30,6 +31,7 @@ MONITOR = "monitor"
 HEARTBEATS = "devices/+/heartbeat"
 RENEWAL_LIFETIME = 12
 RENEWALS = 3
+AGENT_STOP_TIMEOUT = 15.0
 
 
 class Demo:
@@ -252,10 +254,10 @@ class Demo:
             stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
-        stack.callback(_stop_process, agent)
+        stack.callback(stop_process, agent, AGENT_STOP_TIMEOUT)
 
         serials = self._watch(monitor, RENEWALS + 1)
-        _stop_process(agent)
+        stop_process(agent, AGENT_STOP_TIMEOUT)
         self.echo(
             f"   {len(serials) - 1} renewals, each certificate seen in a "
             f"heartbeat over its own session; longest gap between "
@@ -362,13 +364,3 @@ def workspace(keep: Path | None) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _stop_process(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

@@ -29,6 +29,7 @@ from device_agent.config import Settings
 from device_agent.credential import FACTORY
 from device_agent.errors import AgentError
 from firmware_sim.errors import SimError
+from firmware_sim.process import stop_process
 from tpm_simulator.ports import free_port_pair
 from tpm_simulator.swtpm import Swtpm
 
@@ -216,14 +217,8 @@ class SimDevice:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Shut the agent down cleanly (SIGTERM), killing it if it hangs."""
         process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if process is not None and not stop_process(process, timeout):
             logger.warning("%s ignored SIGTERM", self.device_id)
-            self.kill()
 
     def kill(self) -> None:
         """Pull the power: SIGKILL, no chance to clean up."""
@@ -292,15 +287,8 @@ class Rack:
             )
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)
 
 
 class _HostedAgent(Agent):

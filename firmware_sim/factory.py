@@ -14,10 +14,7 @@ import dataclasses
 import datetime
 import logging
 import sqlite3
-import threading
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -27,13 +24,13 @@ from cryptography.x509.oid import NameOID
 from device_agent.credential import FACTORY, fingerprint
 from device_agent.errors import AgentError
 from firmware_sim.ca import CertificateAuthority, chain_pem
+from firmware_sim.database import Database
 from firmware_sim.device import SimDevice
 from firmware_sim.errors import SimError
 
 logger = logging.getLogger(__name__)
 
 IDEVID_DAYS = 3650
-BUSY_TIMEOUT = 5.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manufactured (
     device_serial  TEXT PRIMARY KEY,
@@ -77,39 +74,18 @@ class Record:
     finished_at: datetime.datetime
 
 
-class FactoryLine:
+class FactoryLine(Database):
     """A manufacturing CA and the line's records, in ``db_path``."""
 
     def __init__(self, ca: CertificateAuthority, db_path: Path) -> None:
         self.ca = ca
         self.db_path = Path(db_path).absolute()
-        self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                self.db_path,
-                timeout=BUSY_TIMEOUT,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            super().__init__(self.db_path)
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise FactoryError(f"factory records {db_path}: {exc}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def check_new(self, device: SimDevice) -> None:
         """Refuse ``device`` if its id or serial was made before.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from firmware_sim.ca import check_name
 from firmware_sim.errors import CAError
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class NonEmptyPath(click.Path):
@@ -52,6 +55,24 @@ class DirectoryPath(NonEmptyPath):
         if blocker is not None:
             self.fail(f"{blocker} is not a directory", param, ctx)
         return path
+
+
+def directory_option(
+    *names: str, default: str, help: str, envvar: str | None = None
+) -> Callable[[_F], _F]:
+    """An option naming one of the simulator's directories.
+
+    Each has a default relative to the working directory, shown in the
+    help so that a person sees where files will go before they do.
+    """
+    return click.option(
+        *names,
+        type=DirectoryPath(),
+        default=Path(default),
+        show_default=True,
+        envvar=envvar,
+        help=help,
+    )
 
 
 def ca_name(ctx: click.Context, param: click.Parameter, value: str) -> str:

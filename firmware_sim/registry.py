@@ -7,13 +7,11 @@ import datetime
 import logging
 import re
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from firmware_sim.database import Database
 from firmware_sim.errors import SimError
 
 logger = logging.getLogger(__name__)
@@ -55,10 +53,6 @@ CREATE TABLE IF NOT EXISTS issuances (
 CREATE INDEX IF NOT EXISTS issuances_by_device
     ON issuances (device_id, number);
 """
-
-# Another process (a CLI command next to a running registrar) may hold
-# the write lock for a moment; wait that long before giving up.
-BUSY_TIMEOUT = 5.0
 
 
 class RegistryError(SimError):
@@ -119,43 +113,22 @@ def check_device_id(device_id: object) -> str:
     return device_id
 
 
-class Registry:
+class Registry(Database):
     """Devices and their issuances in one SQLite file.
 
     One object may be shared by threads; several processes may open the
     same file. Every change is one short transaction in WAL mode, so
     readers never wait for a writer and writers wait for each other at
-    most :data:`BUSY_TIMEOUT` seconds.
+    most :data:`~firmware_sim.database.BUSY_TIMEOUT` seconds.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                self.path,
-                timeout=BUSY_TIMEOUT,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            super().__init__(self.path)
             self._prepare()
         except sqlite3.Error as exc:
             raise RegistryError(f"registry {self.path}: {exc}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def add(self, device_id: str, serial: str | None = None) -> Device:
         """Register a new device as active."""

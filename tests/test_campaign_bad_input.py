@@ -4,16 +4,13 @@ a few hundred fuzz inputs per parser."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from campaign_run import run_campaign
 
 from device_agent.errors import SessionError
 from device_agent.session import check_topic
 
-TOP = Path(__file__).resolve().parent.parent
 EVERY = 5
 FUZZ = 150
 GROUPS = (
@@ -35,16 +32,11 @@ PARSERS = (
 
 
 def test_short_bad_input_campaign_refuses_each_case_cleanly():
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "campaigns.bad_input",
-            "--every", str(EVERY), "--fuzz", str(FUZZ),
-        ],
-        cwd=TOP, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    summary = result.stdout
+    summary = run_campaign(
+        "bad_input",
+        "--every", str(EVERY), "--fuzz", str(FUZZ),
+    ).stdout  # fmt: skip
 
-    assert result.returncode == 0, summary + result.stderr
     assert re.search(r"^failed\s+\|\s+0\s", summary, re.MULTILINE)
     for group in GROUPS:
         row = re.search(

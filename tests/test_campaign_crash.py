@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
+
+from campaign_run import run_campaign
 
 from device_agent.renewal import STEPS
 
-TOP = Path(__file__).resolve().parent.parent
 KILLS = 16
 
 
 def test_short_crash_campaign_leaves_every_device_with_a_credential():
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "campaigns.crash",
-            "--kills", str(KILLS), "--seed", "7",
-            "--stores", "tpm,software",
-        ],
-        cwd=TOP, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    summary = result.stdout
+    summary = run_campaign(
+        "crash",
+        "--kills", str(KILLS), "--seed", "7",
+        "--stores", "tpm,software",
+    ).stdout  # fmt: skip
 
-    assert result.returncode == 0, summary + result.stderr
     assert f"{KILLS} SIGKILLs" in summary
     assert re.search(r"^failed\s+\|\s+0\s", summary, re.MULTILINE)
     assert re.search(

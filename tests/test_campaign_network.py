@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from campaign_run import run_campaign
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.errors import SessionError
 from device_agent.session import Outbox
 
-TOP = Path(__file__).resolve().parent.parent
-
 
 def test_short_network_campaign_reconnects_and_loses_no_heartbeat():
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "campaigns.network",
-            "--outage", "2", "--stall", "1.5", "--cap", "2",
-            "--heartbeat", "0.2", "--tight-queue", "5",
-            "--stores", "software",
-        ],
-        cwd=TOP, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    summary = result.stdout
+    summary = run_campaign(
+        "network",
+        "--outage", "2", "--stall", "1.5", "--cap", "2",
+        "--heartbeat", "0.2", "--tight-queue", "5",
+        "--stores", "software",
+    ).stdout  # fmt: skip
 
-    assert result.returncode == 0, summary + result.stderr
     assert re.search(r"^failed\s+\|\s+0\s", summary, re.MULTILINE)
     for fault in (
         "broker restart",

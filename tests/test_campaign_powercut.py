@@ -10,29 +10,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOP = Path(__file__).resolve().parent.parent
+from campaign_run import TOP, run_campaign
+
 # The campaigns are scripts run from the repository top, not an installed
 # package; the model tests import one from there.
 sys.path.insert(0, str(TOP))
 
-from campaigns import powercut  # noqa: E402
-from device_agent.store import CredentialStore  # noqa: E402
+from campaigns import powercut
+from device_agent.store import CredentialStore
 
 CUTS = 8
 
 
 def test_short_power_cut_campaign_leaves_every_device_with_a_credential():
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "campaigns.powercut",
-            "--cuts", str(CUTS), "--seed", "3",
-            "--stores", "tpm,software",
-        ],
-        cwd=TOP, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    summary = result.stdout
+    summary = run_campaign(
+        "powercut",
+        "--cuts", str(CUTS), "--seed", "3",
+        "--stores", "tpm,software",
+    ).stdout  # fmt: skip
 
-    assert result.returncode == 0, summary + result.stderr
     assert f"{CUTS} cuts" in summary
     assert re.search(r"^failed\s+\|\s+0\s", summary, re.MULTILINE)
     assert re.search(

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-TOP = Path(__file__).resolve().parent.parent
+from campaign_run import run_campaign
 
 
 def test_short_soak_renews_often_and_stays_flat():
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "campaigns.soak",
-            "--minutes", "0.15", "--lifetime", "3", "--warmup", "2",
-            "--stores", "tpm",
-        ],
-        cwd=TOP, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    summary = result.stdout
+    summary = run_campaign(
+        "soak",
+        "--minutes", "0.15", "--lifetime", "3", "--warmup", "2",
+        "--stores", "tpm",
+    ).stdout  # fmt: skip
 
-    assert result.returncode == 0, summary + result.stderr
     assert re.search(r"^failed checks\s+\|\s+0\s", summary, re.MULTILINE)
     renewals = re.search(
         r"^soak-tpm\s+\|\s+renewals\s+\|\s+(\d+)\s+\|\s+(\d+)",
