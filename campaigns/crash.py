@@ -12,8 +12,10 @@ same ``--seed``. After every kill the device must still hold a
 credential: ``status`` shows a valid operational or factory certificate,
 and the operational key matches the leaf of a chain that builds to the
 trust anchor. Every few kills the device also connects, and renews
-cleanly. The exit status is non-zero if any device was left without a
-working credential.
+cleanly, and at the end every device renews and connects, so that even
+a short run checks both. The exit status is non-zero if any device was
+left without a working credential, or if nothing was checked; Ctrl-C
+stops a run with one line, ``interrupted``, and exit status 130.
 """
 
 from __future__ import annotations
@@ -231,11 +233,17 @@ def run_one(target: Target, planned: Kill, tally: Tally) -> None:
 
 
 def finish(target: Target, name: str, tally: Tally) -> None:
-    """The last word on a device: it renews, connects and is clean."""
+    """The last word on a device: it renews, connects and is clean.
+
+    These count as checked connects and renewals, so that even a run of
+    a few kills shows every device renewing and connecting after them.
+    """
     try:
         target.renew()
+        tally.renewals += 1
         target.check()
         target.connect()
+        tally.connects += 1
     except (CheckError, RuntimeError, ValueError, OSError) as exc:
         tally.failures.append(f"final check ({name}): {exc}")
     if target.store.pending() is not None:
@@ -279,6 +287,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
 
 
+@common.interruptible
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()
@@ -298,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finish(target, names[store], tally)
             tally.flushed += target.flush()
 
+    common.check_exercised(tally.failures, tally.connects, tally.renewals)
     seconds = time.monotonic() - started
     build_table(tally, options.stores, seconds, options.seed).print()
     failed = common.failed(tally.failures)

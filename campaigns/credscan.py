@@ -5,10 +5,12 @@ Run from the repository top::
 
     .venv/bin/python -m campaigns.credscan [--tree DIR ...] [--devices N]
 
-Without options it scans every file git tracks. ``--tree`` adds a
-directory such as the config and state that ``device-agent init`` and
-``keygen`` wrote on a device; ``--devices N`` makes N software devices
-with ``init`` and ``keygen`` in a temporary directory and scans them.
+Without options it scans every file git tracks and what ``init`` and
+``keygen`` write for three software devices, made in a temporary
+directory (``--devices N`` for another count, 0 for none): a shared
+key only shows between two devices or more. ``--tree`` adds a directory
+such as the config and state that ``device-agent init`` and ``keygen``
+wrote on a real device.
 
 What counts as a finding:
 
@@ -286,11 +288,15 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+# Enough devices that a key shared between any two of them shows.
+DEFAULT_DEVICES = 3
+
+
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = common.argument_parser("credscan", __doc__)
     parser.add_argument("--top", type=Path, default=TOP)
     parser.add_argument("--tree", type=Path, action="append", default=[])
-    parser.add_argument("--devices", type=int, default=0)
+    parser.add_argument("--devices", type=int, default=DEFAULT_DEVICES)
     options = parser.parse_args(argv)
     if options.devices < 0:
         parser.error("--devices must not be negative")

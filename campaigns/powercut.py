@@ -28,8 +28,10 @@ a board does after power returns: its TPM loses every loaded object,
 the agent's start-up recovery runs, and the device must hold a working
 credential: ``status`` answers and shows a valid certificate, the
 operational key matches a chain that builds to the trust anchor, the
-device connects, and it renews. The exit status is non-zero if any
-device was left without a working credential.
+device connects, and every few cuts it renews; at the end every device
+renews and connects. The exit status is non-zero if any device was
+left without a working credential, or if nothing was checked; Ctrl-C
+stops a run with one line, ``interrupted``, and exit status 130.
 """
 
 from __future__ import annotations
@@ -538,8 +540,10 @@ def finish(target: Target, name: str, tally: Tally) -> None:
     try:
         restart(target, tally)
         target.renew()
+        tally.renewals += 1
         target.check()
         target.connect()
+        tally.connects += 1
     except FAILURES as exc:
         tally.failures.append(f"final check ({name}): {exc}")
     kept = [g.number for g in target.store.generations()]
@@ -589,6 +593,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
 
 
+@common.interruptible
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()
@@ -623,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finish(target, names[store], tally)
             tally.flushed += target.flush()
 
+    common.check_exercised(tally.failures, tally.connects, tally.renewals)
     seconds = time.monotonic() - started
     build_table(tally, options.stores, seconds, options.seed).print()
     return 1 if common.failed(tally.failures) else 0

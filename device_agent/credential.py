@@ -298,9 +298,36 @@ def status(
         },
         "agent": _agent_status(settings, problems),
     }
-    report["tpm"] = _tpm_presence(settings)
+    kinds = {
+        lineage: identity["key"]["store"]
+        for lineage, identity in report["identities"].items()
+        if identity["key"] is not None
+    }
+    _check_key_store_setting(settings, kinds, problems)
+    report["tpm"] = _tpm_presence(settings, kinds, problems)
     report["problems"] = _fallback(problems)
     return report
+
+
+def _check_key_store_setting(
+    settings: Settings, kinds: dict[str, str], problems: list[dict[str, str]]
+) -> None:
+    """Warn when ``key_store`` says one thing and the keys are another.
+
+    New keys go where the device's keys already are, whatever the
+    setting says now; a person who set ``tpm`` expects hardware
+    protection and must hear that the key in use has none.
+    """
+    for lineage, kind in kinds.items():
+        if kind in ("tpm", "software") and kind != settings.key_store:
+            problems.append(
+                {
+                    "level": WARNING,
+                    "problem": f'key_store = "{settings.key_store}" but '
+                    f"the {_LINEAGE_NAMES[lineage]} key is a {kind} key "
+                    f"(new keys stay in {kind})",
+                }
+            )
 
 
 def _fallback(problems: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -404,6 +431,14 @@ def _pointer(
         except OSError:
             target = "?"
         problem(f"{name} pointer broken: it leads to {target}, which is gone")
+    if generation is None and name == "current" and not os.path.lexists(link):
+        complete = [g for g in store.generations() if g.complete()]
+        if complete:
+            problem(
+                f"generation {complete[-1].number} is on disk but no "
+                "current pointer leads to it ('device-agent run' "
+                "recovers it)",
+            )
     return generation
 
 
@@ -475,6 +510,19 @@ def _agent_status(
             _unreadable(problems, path, f"{field} is {value!r}"[:120])
             return None
     report["running"] = running_pid(settings.state_dir) is not None
+    if not report["running"]:
+        # What a stopped agent wrote is history: its schedule died with
+        # it (and a reset since may have invalidated it).
+        report["stale"] = True
+        report["next_renewal"] = None
+    elif report["state"] == "needs_service":
+        problems.append(
+            {
+                "level": ERROR,
+                "problem": "the agent needs service: it stopped trying "
+                f"(last result: {report['last_result']})",
+            }
+        )
     return report
 
 
@@ -510,12 +558,28 @@ def _describe_leaf(path: Path, now: datetime.datetime) -> dict[str, Any]:
     }
 
 
-def _tpm_presence(settings: Settings) -> dict[str, Any]:
-    if settings.key_store == "software":
+def _tpm_presence(
+    settings: Settings, kinds: dict[str, str], problems: list[dict[str, str]]
+) -> dict[str, Any]:
+    """Ask the TPM only when a key lives there, or will.
+
+    Loading the TSS bindings costs more than the rest of ``status``, so
+    a device whose keys are all software never pays for it.
+    """
+    holds_keys = "tpm" in kinds.values()
+    if not holds_keys and (kinds or settings.key_store == "software"):
         return {"checked": False, "tcti": settings.tcti}
     from device_agent.keys.tpm import TPMKeyStore
 
     present = TPMKeyStore(settings.tcti).answers()
+    if not present:
+        problems.append(
+            {
+                "level": ERROR if holds_keys else WARNING,
+                "problem": f"the TPM at {settings.tcti} does not answer"
+                + (": the device's key is in it" if holds_keys else ""),
+            }
+        )
     return {"checked": True, "present": present, "tcti": settings.tcti}
 
 
@@ -536,16 +600,38 @@ def _key_path(generation: Generation) -> Path:
 def best_credential(
     settings: Settings, now: datetime.datetime | None = None
 ) -> tuple[str, Generation]:
-    """The operational credential while it is valid, else the factory one."""
+    """The operational credential while it is valid, else the factory one.
+
+    A damaged operational chain is passed over with a warning, as the
+    agent does: the factory identity still connects, and enrolls again.
+    Only the factory chain's damage is an error, naming its file.
+    """
     check_private_dir(settings.state_dir)
     now = now or datetime.datetime.now(datetime.UTC)
     for lineage in (OPERATIONAL, FACTORY):
         generation = CredentialStore(settings.state_dir, lineage).current()
         if generation is None:
             continue
+        path = generation.chain_path
+        try:
+            leaf = chain.read_bundle(path.read_bytes())[0]
+        except (ChainError, OSError) as exc:
+            why = (
+                exc.detail
+                if isinstance(exc, ChainError)
+                else exc.strerror or str(exc)
+            )
+            if lineage == FACTORY:
+                raise ChainError("unreadable", f"{path}: {why}") from None
+            logger.warning(
+                "operational chain %s unreadable (%s): using the factory "
+                "identity",
+                path,
+                why,
+            )
+            continue
         if lineage == FACTORY:
             return lineage, generation
-        leaf = chain.read_bundle(generation.chain_path.read_bytes())[0]
         if leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
             return lineage, generation
     raise StoreError(

@@ -79,6 +79,14 @@ _CRL_DAYS = click.option(
 )
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _host(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         host = check_server_name(value)
@@ -86,6 +94,12 @@ def _host(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc), ctx, param) from None
     if host.startswith("*"):
         raise click.BadParameter(f"{value!r} is a wildcard", ctx, param)
+    # Resolvers read a name ending in a number as an IPv4 address, so
+    # 999.1.1.1 is no host name either: no top-level domain is numeric.
+    if host.rpartition(".")[2].isdigit() and not _is_address(host):
+        raise click.BadParameter(
+            f"{value!r} is not a host name or IP address", ctx, param
+        )
     return host
 
 

@@ -12,6 +12,7 @@ from firmware_sim.ca import CertificateAuthority
 from firmware_sim.device import SOFTWARE, TPM, SimDevice
 from firmware_sim.factory import FactoryLine, ek_ca_config
 from firmware_sim.params import directory_option
+from firmware_sim.registry import RegistryError, check_device_id
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def factory(
     anything. Re-running a batch keeps the devices already made
     ("kept ...") and makes the rest, so an interrupted run resumes.
     """
+    _check_prefix(prefix, count)
     directory = directory.absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_dir = directory / CA_DIR
@@ -89,6 +91,23 @@ def factory(
                     f"kept {device.device_id} serial {device.serial}: "
                     "already made"
                 )
+
+
+def _check_prefix(prefix: str, count: int) -> None:
+    """Refuse a prefix that makes ids no device may carry, up front.
+
+    Found out while configuring the first device, it would leave a CA
+    and records behind and the message would not say which option was
+    wrong. The last id is the longest, so checking the first and the
+    last covers the batch.
+    """
+    for number in sorted({1, count}):
+        try:
+            check_device_id(f"{prefix}-{number:04d}")
+        except RegistryError as error:
+            raise click.BadParameter(
+                f"it makes ids such as {error}", param_hint="--prefix"
+            ) from None
 
 
 def _make(

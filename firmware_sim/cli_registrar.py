@@ -14,12 +14,16 @@ from pathlib import Path
 from types import FrameType
 
 import click
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from firmware_sim.ca import (
     CA_FILES,
     MAX_DAYS,
     CertificateAuthority,
     check_serial,
+    read_small_file,
 )
 from firmware_sim.errors import CAError, SimError
 from firmware_sim.params import (
@@ -208,7 +212,9 @@ def run(
 ) -> None:
     """Answer enrollment requests until SIGINT or SIGTERM."""
     host, port = _host_port(broker)
-    Layout(directory).check()
+    layout = Layout(directory)
+    layout.check()
+    _check_credential(layout)
     with hold_directory(directory):
         service = Registrar.from_directory(
             directory,
@@ -221,6 +227,30 @@ def run(
             mqtt_version=mqtt_version,
         )
         _serve(service, host, port)
+
+
+def _check_credential(layout: Layout) -> None:
+    """Refuse a registrar credential that TLS could not load, naming it.
+
+    Found out by TLS, an empty or mangled file only says "pem lib" and
+    names neither file.
+    """
+    try:
+        chain = x509.load_pem_x509_certificates(
+            read_small_file(layout.chain_path, "registrar certificate")
+        )
+    except ValueError:
+        chain = []
+    if not chain:
+        raise SimError(f"{layout.chain_path} holds no PEM certificate")
+    try:
+        serialization.load_pem_private_key(
+            read_small_file(layout.key_path, "registrar key"), None
+        )
+    except TypeError:
+        pass  # encrypted: a key all the same, TLS asks for its password
+    except (ValueError, UnsupportedAlgorithm):
+        raise SimError(f"{layout.key_path} holds no PEM private key") from None
 
 
 def _serve(service: Registrar, host: str, port: int) -> None:
@@ -381,6 +411,16 @@ def check_outputs(crl_out: Path, broker_pid: int | None) -> None:
     """
     if crl_out.is_dir():
         raise SimError(f"--crl-out {crl_out} is a directory")
+    resolved = crl_out.resolve()
+    # Kernel and device trees look writable to root and some of their
+    # entries pass for regular files (/proc/version): none is a crlfile.
+    if resolved.parts[1:2] in (("proc",), ("sys",), ("dev",)):
+        raise SimError(
+            f"--crl-out {crl_out} is under /{resolved.parts[1]}, not a "
+            "file the broker can read a CRL from"
+        )
+    if crl_out.exists() and not resolved.is_file():
+        raise SimError(f"--crl-out {crl_out} exists and is not a regular file")
     parent = crl_out.absolute().parent
     if not parent.is_dir():
         raise SimError(f"--crl-out {crl_out}: no directory {parent}")
@@ -443,7 +483,7 @@ def put_out_of_service(
 @_DIR
 def list_devices(directory: Path) -> None:
     """One line per device: id, status, serial, certificates issued."""
-    with _registry(directory) as registry:
+    with _registry(directory, read_only=True) as registry:
         devices = registry.devices()
         issued = registry.issuances()
 
@@ -477,10 +517,10 @@ def _check_kept_files(layout: Layout) -> None:
             raise SimError(f"{path} is not a regular file")
 
 
-def _registry(directory: Path) -> Registry:
+def _registry(directory: Path, read_only: bool = False) -> Registry:
     layout = Layout(directory)
     layout.check()
-    return Registry(layout.registry_path)
+    return Registry(layout.registry_path, read_only)
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -514,4 +554,7 @@ def _is_host(host: str) -> bool:
     except UnicodeError:
         return False
     labels = name.removesuffix(".").split(".")
+    # A name ending in a number reads as a (bad) IPv4 address, 999.1.1.1.
+    if labels[-1].isdigit():
+        return False
     return len(name) <= 253 and all(_LABEL.fullmatch(x) for x in labels)

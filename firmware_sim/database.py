@@ -27,18 +27,41 @@ class Database:
     subclass says what the file is in its own error.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """Open ``path``; ``read_only`` for commands that only look.
+
+        Read-only opens never create the file or write to it (no
+        schema, no journal-mode change), so auditing records cannot
+        alter them; SQLite refuses any write on such a connection.
+        """
         self._lock = threading.Lock()
+        target: str | Path = path
+        if read_only:
+            target = f"{Path(path).absolute().as_uri()}?mode=ro"
         self._db = sqlite3.connect(
-            path,
+            target,
             timeout=BUSY_TIMEOUT,
             isolation_level=None,
             check_same_thread=False,
+            uri=read_only,
         )
+
+    def has_table(self, name: str) -> bool:
+        """Whether the file holds table ``name`` (an empty file holds none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                "AND name = ?",
+                (name,),
+            ).fetchone()
+        return row is not None
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            # Absent when connecting failed; a failed open still closes.
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
 
     def __enter__(self) -> Self:
         return self

@@ -26,8 +26,8 @@ from cryptography.x509.oid import NameOID
 from device_agent.credential import FACTORY, OPERATIONAL, fingerprint
 from firmware_sim.ca import CertificateAuthority
 from firmware_sim.errors import SimError
-from firmware_sim.factory import FactoryLine, Record
-from firmware_sim.registry import ACTIVE, Issuance, Registry
+from firmware_sim.factory import FactoryError, FactoryLine, Record
+from firmware_sim.registry import ACTIVE, Issuance, Registry, RegistryError
 from firmware_sim.revocation import crl_states
 
 logger = logging.getLogger(__name__)
@@ -143,9 +143,17 @@ def assess(directory: Path) -> list[Requirement]:
     """Run every check over the run or line in ``directory``."""
     sources = Sources.find(Path(directory).absolute())
     factory_ca = CertificateAuthority.load(sources.factory_ca)
-    with FactoryLine(factory_ca, sources.factory_db) as line:
-        records = {r.device_id: r for r in line.records()}
-        refusals = {device_id: why for _, device_id, why in line.refusals()}
+    # Read-only throughout: an audit must not change what it audits,
+    # not even by giving an empty file a schema.
+    records: dict[str, Record] = {}
+    refusals: dict[str, str] = {}
+    no_records = None
+    try:
+        with FactoryLine(factory_ca, sources.factory_db, True) as line:
+            records = {r.device_id: r for r in line.records()}
+            refusals = {i: why for _, i, why in line.refusals()}
+    except FactoryError as error:
+        no_records = f"not run: {error}"
     devices, refused = _split_refused(
         _devices(sources.devices), records, refusals
     )
@@ -153,26 +161,43 @@ def assess(directory: Path) -> list[Requirement]:
     issuances: dict[str, list[Issuance]] = {}
     statuses: dict[str, str] = {}
     operational_ca = None
-    if sources.registrar is not None:
-        with Registry(sources.registrar / "registry.sqlite") as registry:
-            for issuance in registry.issuances():
-                issuances.setdefault(issuance.device_id, []).append(issuance)
-            statuses = {d.device_id: d.status for d in registry.devices()}
-        operational_ca = CertificateAuthority.load(sources.registrar / "ca")
+    no_registry = None
+    registrar_dir = sources.registrar
+    if registrar_dir is not None:
+        try:
+            with Registry(
+                registrar_dir / "registry.sqlite", read_only=True
+            ) as registry:
+                for issuance in registry.issuances():
+                    issuances.setdefault(issuance.device_id, []).append(
+                        issuance
+                    )
+                statuses = {d.device_id: d.status for d in registry.devices()}
+        except RegistryError as error:
+            no_registry = f"not run: {error}"
+            sources = dataclasses.replace(sources, registrar=None)
+        else:
+            operational_ca = CertificateAuthority.load(registrar_dir / "ca")
 
     identity = _unique_identity(devices, records)
     identity.notes.update(refused)
+    if no_records is not None:
+        identity = Requirement(identity.name, identity.how, no_records)
+    rotation = _rotation(devices, issuances, statuses, sources)
+    revocation = _revocation(
+        devices, records, issuances, statuses, sources, factory_ca,
+        operational_ca,
+    )  # fmt: skip
+    if no_registry is not None:
+        rotation.check = revocation.check = no_registry
     return [
         identity,
         _no_shared_credential(devices),
         _key_never_exported(devices),
-        _rotation(devices, issuances, statuses, sources),
-        _revocation(
-            devices, records, issuances, statuses, sources, factory_ca,
-            operational_ca,
-        ),
-        _secure_reset(devices),
-    ]  # fmt: skip
+        rotation,
+        revocation,
+        _secure_reset(devices, issuances),
+    ]
 
 
 def failing_devices(requirements: list[Requirement]) -> dict[str, list[str]]:
@@ -532,7 +557,9 @@ def _revocation(
     return requirement
 
 
-def _secure_reset(devices: list[DeviceState]) -> Requirement:
+def _secure_reset(
+    devices: list[DeviceState], issuances: dict[str, list[Issuance]]
+) -> Requirement:
     requirement = Requirement(
         "secure reset",
         "'device-agent reset' destroys the operational keys and "
@@ -543,6 +570,13 @@ def _secure_reset(devices: list[DeviceState]) -> Requirement:
     )
     for device in devices:
         requirement.checked += 1
+        if not issuances.get(device.device_id):
+            # Never given an operational identity (a factory line, say):
+            # nothing was there to reset, so keeping the IDevID shows
+            # nothing about reset.
+            requirement.undemonstrated[device.device_id] = (
+                "never held an operational identity to reset"
+            )
         generations = device.generations(OPERATIONAL)
         if len(generations) > MAX_OPERATIONAL_GENERATIONS:
             requirement.fail(

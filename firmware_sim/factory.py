@@ -77,14 +77,32 @@ class Record:
 class FactoryLine(Database):
     """A manufacturing CA and the line's records, in ``db_path``."""
 
-    def __init__(self, ca: CertificateAuthority, db_path: Path) -> None:
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        db_path: Path,
+        read_only: bool = False,
+    ) -> None:
+        """Open the line's records; ``read_only`` to audit them.
+
+        Read-only changes nothing in the file and refuses one that holds
+        no factory records (an empty file, say).
+        """
         self.ca = ca
         self.db_path = Path(db_path).absolute()
         try:
-            super().__init__(self.db_path)
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.executescript(_SCHEMA)
+            super().__init__(self.db_path, read_only)
+            if read_only:
+                if not self.has_table("manufactured"):
+                    self.close()
+                    raise FactoryError(
+                        f"{self.db_path} holds no factory records"
+                    )
+            else:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
+            self.close()
             raise FactoryError(f"factory records {db_path}: {exc}") from None
 
     def check_new(self, device: SimDevice) -> None:

@@ -122,13 +122,36 @@ class Registry(Database):
     most :data:`~firmware_sim.database.BUSY_TIMEOUT` seconds.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """Open (and if need be create) the registry in ``path``.
+
+        ``read_only`` changes nothing in the file and refuses one that
+        holds no registry (an empty file, say) rather than reading it as
+        a registry without devices.
+        """
         self.path = Path(path)
         try:
-            super().__init__(self.path)
-            self._prepare()
+            super().__init__(self.path, read_only)
+            if read_only:
+                self._check_schema()
+            else:
+                self._prepare()
         except sqlite3.Error as exc:
+            self.close()
             raise RegistryError(f"registry {self.path}: {exc}") from None
+        except RegistryError:
+            self.close()
+            raise
+
+    def _check_schema(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 or not self.has_table("devices"):
+            raise RegistryError(f"{self.path} holds no registry")
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {self.path} has schema {version}; this version "
+                f"knows {SCHEMA_VERSION} at most"
+            )
 
     def add(self, device_id: str, serial: str | None = None) -> Device:
         """Register a new device as active."""

@@ -87,9 +87,31 @@ def renewal_counts(outcome: Outcome) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# Every plot a run may draw, so a new run can clear the last one's.
+PLOT_FILES = ("renewals.png", "expiry.png", "gaps.png", "storm.png")
+
+
+def fleet_size(outcome: Outcome) -> str:
+    """The devices of a run, the clone told apart from the genuine ones."""
+    roles = [d.role for d in outcome.plan.devices]
+    clones = roles.count("clone")
+    genuine = len(roles) - clones
+    text = f"{genuine} device{'s' if genuine != 1 else ''}"
+    if clones == 1:
+        text += " and a clone"
+    elif clones:
+        text += f" and {clones} clones"
+    return text
+
+
 def write(outcome: Outcome, directory: Path) -> dict[str, Path]:
     """Write report.json, report.md and the plots into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
+    # A previous run into the same directory may have drawn plots this
+    # scenario does not (the storm's): left behind they would pass for
+    # this run's.
+    for name in PLOT_FILES:
+        (directory / name).unlink(missing_ok=True)
     plots = {
         "renewals": _plot_renewals(outcome, directory / "renewals.png"),
         "expiry": _plot_expiry(outcome, directory / "expiry.png"),
@@ -116,7 +138,7 @@ def _markdown(
     plan = outcome.plan
     figures = report["measured"]
     lines = [
-        f"# Fleet report: {plan.scenario}, {len(plan.devices)} devices, "
+        f"# Fleet report: {plan.scenario}, {fleet_size(outcome)}, "
         f"seed {plan.seed}",
         "",
         f"Key store: {_key_stores(outcome)}. Certificate lifetime "
@@ -162,9 +184,10 @@ def _markdown(
             "## Renewal storm",
             "",
             f"{storm['requests']} renewals of identical certificates, in "
-            f"buckets of {storm['bucket_s']:.2f} s (a fortieth of the "
-            f"lifetime): busiest {storm['peak']}, mean "
-            f"{storm['mean']:.1f}, peak over mean "
+            f"buckets of {storm['bucket_s']:.2f} s (the renewal window "
+            f"of {storm.get('window_s', 0):.1f} s cut so each bucket "
+            f"expects a few): busiest {storm['peak']}, mean over the "
+            f"window {storm['mean']:.1f}, peak over mean "
             f"**{storm['peak_over_mean']:.2f}**.",
         ]
 
@@ -260,6 +283,26 @@ _INTERVENTIONS = {
     "reset": ("tab:orange", ":"),
     "outage": ("tab:gray", "-."),
 }
+# Revocations and decommissions happen in the same second: the later
+# kinds are drawn thinner and on top, so a line at the same moment as
+# a wider one stays visible inside it.
+_WIDTHS = {"revoke": 4.0, "decommission": 2.0, "reset": 1.5, "outage": 1.5}
+_LAYERS = {"revoke": 2, "decommission": 3, "reset": 4, "outage": 4}
+OUTAGE_DOWN = "broker and registrar down"
+
+
+def intervention_counts(outcome: Outcome) -> dict[str, int]:
+    """How many of each intervention the run made, for the legend.
+
+    An outage is two events (down, back) but one outage.
+    """
+    counts: dict[str, int] = {}
+    for _, kind, detail in outcome.events:
+        if kind == "outage" and not detail.startswith(OUTAGE_DOWN):
+            continue
+        if kind in _INTERVENTIONS:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _plot_renewals(outcome: Outcome, path: Path) -> Path:
@@ -272,10 +315,7 @@ def _plot_renewals(outcome: Outcome, path: Path) -> Path:
         color="tab:blue",
         label="certificates issued",
     )
-    counts: dict[str, int] = {}
-    for _, kind, _ in outcome.events:
-        if kind in _INTERVENTIONS:
-            counts[kind] = counts.get(kind, 0) + 1
+    counts = intervention_counts(outcome)
     labelled: set[str] = set()
     for at, kind, _ in outcome.events:
         if kind not in _INTERVENTIONS:
@@ -289,6 +329,8 @@ def _plot_renewals(outcome: Outcome, path: Path) -> Path:
             at - outcome.started,
             color=color,
             linestyle=style,
+            linewidth=_WIDTHS[kind],
+            zorder=_LAYERS[kind],
             alpha=0.7,
             label=label,
         )
@@ -322,7 +364,7 @@ def _plot_storm(outcome: Outcome, path: Path) -> Path:
     axes.set_xlabel("seconds after the identical certificates were issued")
     axes.set_ylabel("renewal requests per bucket")
     axes.set_title(
-        f"Renewal storm: {storm['requests']} devices, peak over mean "
+        f"Renewal storm: {fleet_size(outcome)}, peak over mean "
         f"{storm['peak_over_mean']:.2f}"
     )
     axes.legend()

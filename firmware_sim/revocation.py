@@ -55,12 +55,25 @@ def revoke_device(
     go to ``factory_ca`` only when ``status`` is decommissioned. Running
     it again revokes what a crash in between left out.
 
-    :raises RevocationError: for an unknown status, or IDevID serials
-        that would be ignored.
+    :raises RevocationError: for an unknown status, IDevID serials
+        that would be ignored, or a decommissioned device asked to be
+        merely revoked (nothing changes).
     :raises UnknownDeviceError: the device is not in the registry.
     """
     factory_serials = list(idevid_serials)
     _check_request(status, factory_ca, factory_serials)
+    current = registry.get(device_id)
+    if (
+        current is not None
+        and current.status == DECOMMISSIONED
+        and status != DECOMMISSIONED
+    ):
+        # Decommissioning also revoked the IDevID: marking the device
+        # merely revoked would claim it can still report for service.
+        raise RevocationError(
+            f"device {device_id!r} is already decommissioned; revoking "
+            "it would weaken that"
+        )
 
     registry.set_status(device_id, status)
     # The registry records no issuance for a device out of service, so

@@ -19,6 +19,7 @@ def config(tmp_path, factory_ca):
         f'ca_file = "{factory_ca.root_path}"\n'
         "broker_port = 1\n"
     )
+    (tmp_path / "state").mkdir(mode=0o700)  # as init makes it
     return path
 
 

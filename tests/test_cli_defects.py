@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from device_cli import Device, wait_for
@@ -16,6 +18,7 @@ from test_renewal import bring_up, one_line_error, stop
 
 from device_agent.agent import Agent
 from device_agent.config import load
+from device_agent.errors import ChainError
 
 
 def agent_status(device: Device) -> dict:
@@ -264,3 +267,196 @@ def test_registrar_refuses_a_device_id_the_agent_cannot_have(
     assert_refused(result, "DEVICE_ID")
     assert len(result.output) < 300
     assert tree(directory) == before
+
+
+# -- second new-user pass: inputs, fallbacks and what status says -------
+
+
+@pytest.fixture(scope="module")
+def _set_up_once(tmp_path_factory) -> Device:
+    from firmware_sim.ca import CertificateAuthority
+
+    where = tmp_path_factory.mktemp("template")
+    made = Device(where, None)
+    made.init(1, CertificateAuthority.create(where / "ca").root_path)
+    made.enroll(CertificateAuthority.load(where / "ca"))
+    return made
+
+
+@pytest.fixture
+def set_up(_set_up_once, tmp_path) -> Device:
+    """A copy of one software-key device set up by hand, in tmp_path."""
+    template = _set_up_once
+    made = Device(tmp_path, None)
+    shutil.copytree(template.dir, made.dir, symlinks=True)
+    made.config.write_text(
+        template.config.read_text().replace(str(template.dir), str(made.dir))
+    )
+    return made
+
+
+def run_here(device: Device, capsys, *args: str) -> tuple[int, str, str]:
+    """``device-agent`` in this process: faster than a subprocess."""
+    from device_agent.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main(["--config", str(device.config), *args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_connect_refuses_a_timeout_that_is_not_a_finite_number(
+    tmp_path, capsys, value
+):
+    device = Device(tmp_path, None)
+    code, _, err = run_here(
+        device, capsys, "connect", "--timeout", value, "--subscribe", "a/b"
+    )
+    assert code != 0
+    (line,) = err.strip().splitlines()
+    assert "--timeout" in line and "not a finite number" in line
+
+
+def _operational_copy(device: Device) -> Path:
+    """An operational lineage made of a copy of the factory generation."""
+    factory = device.state / "idevid" / "generations" / "0001"
+    lineage = device.state / "ldevid"
+    (lineage / "generations").mkdir(parents=True, mode=0o700)
+    lineage.chmod(0o700)
+    shutil.copytree(factory, lineage / "generations" / "0001")
+    (lineage / "current").symlink_to("generations/0001")
+    return lineage / "generations" / "0001" / "chain.pem"
+
+
+def test_a_truncated_operational_chain_falls_back_to_the_factory_one(
+    set_up, caplog
+):
+    device = set_up
+    from device_agent import credential
+
+    chain_path = _operational_copy(device)
+    settings = load(device.config, {})
+    assert credential.best_credential(settings)[0] == credential.OPERATIONAL
+    os.truncate(chain_path, 100)
+    lineage, _ = credential.best_credential(settings)
+    assert lineage == credential.FACTORY
+    assert str(chain_path) in caplog.text
+    factory_chain = device.state / "idevid" / "current" / "chain.pem"
+    os.truncate(factory_chain, 100)
+    with pytest.raises(ChainError) as refused:
+        credential.best_credential(settings)
+    assert str(factory_chain.resolve()) in str(refused.value)
+
+
+def test_status_warns_of_what_a_stopped_agent_and_the_setting_left(
+    set_up, capsys
+):
+    device = set_up
+    (device.state / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "connected",
+                "clock": "trusted",
+                "clock_reason": "",
+                "next_renewal": "2031-01-01T00:00:00+00:00",
+                "last_result": "ok",
+                "failures_in_row": 0,
+                "updated": "2030-01-01T00:00:00+00:00",
+            }
+        )
+    )
+    code, out, _ = run_here(device, capsys, "--set", "key_store=tpm", "status")
+    assert code == 0, out
+    assert "2031-01-01" not in out  # the stopped agent's schedule
+    assert "not running (last seen connected" in out
+    assert 'key_store = "tpm" but the factory key is a software key' in out
+    assert "TPM:             not checked" in out  # no TPM key: no probe
+
+
+def test_status_fails_while_the_running_agent_needs_service(set_up, capsys):
+    device = set_up
+    from device_agent.agent import AGENT_LOCK, PID_FILE
+    from device_agent.store import CredentialStore
+
+    (device.state / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "needs_service",
+                "clock": "trusted",
+                "clock_reason": "",
+                "next_renewal": None,
+                "last_result": "refused: revoked",
+                "failures_in_row": 3,
+            }
+        )
+    )
+    (device.state / PID_FILE).write_text(f"{os.getpid()}\n")
+    store = CredentialStore(device.state, "idevid")
+    with store.lock(timeout=0, name=AGENT_LOCK):
+        code, out, err = run_here(device, capsys, "status")
+    assert code != 0
+    assert "next renewal:  not scheduled" in out
+    assert "PROBLEM:" in out and "the agent needs service" in out
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_status_fails_when_the_tpm_holding_the_key_does_not_answer(
+    set_up, capsys
+):
+    device = set_up
+    from tpm_simulator.ports import free_port
+
+    (key,) = (device.state / "idevid" / "generations").glob("*/key.*")
+    blob = key.with_name("key.tss2.pem")
+    key.rename(blob)
+    blob.write_text(
+        "-----BEGIN TSS2 PRIVATE KEY-----\nMAA=\n"
+        "-----END TSS2 PRIVATE KEY-----\n"
+    )
+    tcti = f"swtpm:host=127.0.0.1,port={free_port()}"
+    code, out, _ = run_here(device, capsys, "--set", f"tcti={tcti}", "status")
+    assert code != 0
+    assert f"the TPM at {tcti} does not answer" in out
+
+
+def test_status_says_run_recovers_a_generation_without_pointer(set_up, capsys):
+    device = set_up
+    (device.state / "idevid" / "current").unlink()
+    _, out, _ = run_here(device, capsys, "status")
+    assert "generation 1 is on disk but no current pointer" in out
+    assert "'device-agent run' recovers it" in out
+
+
+@pytest.mark.parametrize("verb", [["reset", "--yes"], ["run"], ["status"]])
+def test_verbs_other_than_init_refuse_a_missing_state_dir(
+    set_up, capsys, verb
+):
+    device = set_up
+    missing = device.dir / "nowhere"
+    code, _, err = run_here(
+        device, capsys, "--set", f"state_dir={missing}", *verb
+    )
+    assert code != 0
+    assert err.strip() == (
+        f"error: state_dir {missing} does not exist (run init first)"
+    )
+    assert not missing.exists()
+
+
+def test_csr_names_an_empty_key_file_in_one_plain_line(set_up, capsys):
+    device = set_up
+    (key,) = (device.state / "idevid" / "generations").glob("*/key.*")
+    key.write_bytes(b"")
+    code, _, err = run_here(device, capsys, "csr")
+    assert code != 0
+    assert err.strip() == f"error: {key}: key file is empty"
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n")
+    code, _, err = run_here(device, capsys, "csr")
+    assert code != 0
+    (line,) = err.strip().splitlines()
+    assert str(key) in line and "http" not in line

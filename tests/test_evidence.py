@@ -134,3 +134,24 @@ def test_line_revocation_is_not_run_and_nothing_checked_is_not_met(fresh):
     assert nothing.verdict == "not demonstrated in this run"
     nothing.checked = 1
     assert nothing.verdict == "met"
+
+
+def test_evidence_reads_records_without_changing_them(fresh):
+    database = fresh / "factory.sqlite"
+    for extra in fresh.glob("factory.sqlite-*"):
+        extra.unlink()
+    database.write_bytes(b"")
+
+    found = by_name(evidence.assess(fresh))
+
+    assert database.read_bytes() == b""
+    identity = found["unique identity per device"]
+    assert identity.verdict == "not run", identity.check
+    assert "holds no factory records" in identity.check
+
+
+def test_secure_reset_on_a_line_is_not_demonstrated(fresh):
+    reset = by_name(evidence.assess(fresh))["secure reset"]
+
+    assert reset.met and reset.checked == 3
+    assert reset.verdict == "not demonstrated in this run"

@@ -195,3 +195,17 @@ def test_cli_factory_resumes_an_interrupted_batch(tmp_path, monkeypatch):
     for name in ("pi-0001", "pi-0002", "pi-0003"):
         device = SimDevice(line / "devices" / name, name, "x")
         assert device.leaf("idevid") is not None
+
+
+def test_cli_factory_refuses_a_bad_prefix_before_writing(tmp_path):
+    from sim_cli import assert_refused, invoke
+
+    # The last case fits for the first id, not for the ten-thousandth.
+    for prefix, count in (("a/b", 1), ("é", 1), ("a" * 70, 1),
+                          ("a" * 59, 10000)):  # fmt: skip
+        result = invoke([
+            "factory", "--dir", str(tmp_path / "line"), "--prefix", prefix,
+            "--count", str(count), "--software-keys",
+        ])  # fmt: skip
+        assert_refused(result, "--prefix")
+        assert not (tmp_path / "line").exists()

@@ -100,6 +100,23 @@ def test_lifecycle_of_five_tpm_devices(tmp_path):
     assert_refused(unknown, "nobody")
 
 
+def test_storm_statistic_is_taken_over_the_policy_window():
+    # Three devices spread over a 10 s window: one bucket, no peak.
+    three = fleet.storm_spread([21.0, 24.0, 28.0], 20.0, 10.0)
+    assert three["buckets"] == [3] and fleet.storm_spread_ok(three)
+    # A lone request per bucket is never a peak, whatever the mean.
+    lone = {"requests": 2, "peak": 1, "peak_over_mean": 2.5}
+    assert fleet.storm_spread_ok(lone)
+    assert not fleet.storm_spread_ok(dict(lone, peak=2))
+    # 200 requests keep ten buckets; all in one of them is a storm.
+    spread = [20.0 + n * 0.05 for n in range(200)]
+    assert len(fleet.storm_spread(spread, 20.0, 10.0)["buckets"]) == 10
+    assert fleet.storm_spread_ok(fleet.storm_spread(spread, 20.0, 10.0))
+    bunched = fleet.storm_spread([20.5] * 200, 20.0, 10.0)
+    assert bunched["peak_over_mean"] == 10.0
+    assert not fleet.storm_spread_ok(bunched)
+
+
 def test_storm_of_200_software_devices_is_spread_by_jitter(tmp_path):
     outcome, _ = fleet.run(
         "storm", 200, 5, tmp_path, software_keys=True, lifetime=30
@@ -255,3 +272,20 @@ def test_cli_fleet_refuses_too_small_a_lifecycle(tmp_path):
 
     assert_refused(result, "at least 5 devices")
     assert not (tmp_path / "report").exists()
+
+
+def test_report_names_the_clone_counts_outages_and_clears_old_plots(
+    tmp_path,
+):
+    outcome = fleet.Outcome(fleet.plan("clone", 3, 9))
+    outcome.started = outcome.finished = 1000.0
+    outcome.events = [
+        (1001.0, "outage", "broker and registrar down 12.0 s"),
+        (1013.0, "outage", "broker and registrar back"),
+    ]
+    assert report.intervention_counts(outcome) == {"outage": 1}
+    (tmp_path / "storm.png").write_bytes(b"from the last run")
+    paths = report.write(outcome, tmp_path)
+    assert not (tmp_path / "storm.png").exists()
+    title = paths["markdown"].read_text().splitlines()[0]
+    assert "3 devices and a clone" in title, title

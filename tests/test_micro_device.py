@@ -251,3 +251,163 @@ def test_board_csr_verifies_with_cryptography(host_signer):
     assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [
         "urn:device-agent:dev-9"
     ]
+
+
+FAKE_NTP_TIMEOUT = (
+    "host = None\n"
+    "def settime():\n"
+    "    raise OSError(110)  # ETIMEDOUT, as on a board without a network\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("time_source", "signer", "fake_ntptime", "expected"),
+    [
+        # The unix port has no ntptime module at all.
+        (
+            {"source": "ntp"},
+            {"kind": "host", "port": 1},
+            None,
+            "clock_untrusted: no time from NTP",
+        ),
+        (
+            {"source": "ntp", "host": "127.0.0.1"},
+            {"kind": "host", "port": 1},
+            FAKE_NTP_TIMEOUT,
+            "clock_untrusted: no time from NTP server 127.0.0.1: OSError",
+        ),
+        (
+            {"source": "provided", "unix": 1800000000},
+            {"kind": "software"},
+            None,
+            "signer: software keys are unsupported",
+        ),
+        (
+            {"source": "provided", "unix": 1800000000},
+            {"kind": "atecc608", "scl": 22, "sda": 21},
+            None,
+            "signer: no ATECC608 on I2C",
+        ),
+    ],
+    ids=["no-ntptime", "ntp-timeout", "software-signer", "no-i2c"],
+)
+def test_setup_failures_are_one_failed_event(
+    tmp_path, time_source, signer, fake_ntptime, expected
+):
+    """Clock and signer set-up fail as one event, never a traceback."""
+    if fake_ntptime is not None:
+        (tmp_path / "ntptime.py").write_text(fake_ntptime)
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "device_id": "dev-1",
+                "host": "127.0.0.1",
+                "port": 1,
+                "server_name": "localhost",
+                "ca": [],
+                "state": str(tmp_path),
+                "signer": signer,
+                "time": time_source,
+            }
+        )
+    )
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from device_agent.micro import agent\n"
+        f"sys.exit(0 if agent.main({str(config)!r}) else 1)\n"
+    )
+    result = subprocess.run(
+        [str(MICROPYTHON), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("EVENT "), lines
+    event = json.loads(lines[0][len("EVENT ") :])
+    assert event["event"] == "failed"
+    assert event["device_id"] == "dev-1"
+    assert event["detail"].startswith(expected), event
+
+
+def test_stock_firmware_refuses_a_secure_element_key_in_one_line(
+    factory_ca, tmp_path
+):
+    """What a board with an ATECC608 and today's firmware reports.
+
+    The signer stands in for the chip: its key cannot leave it, so there
+    is no DER key for the TLS stack, and the agent must say so in one
+    readable line before it opens any socket.
+    """
+    state = tmp_path / "flash"
+    state.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")])
+        )
+        .sign(key, hashes.SHA256())
+    )
+    files = {"slot": b"0"}
+    for index, certificate in enumerate(factory_ca.sign_csr(request)):
+        files[f"c{index}.der"] = certificate.public_bytes(
+            serialization.Encoding.DER
+        )
+    store = flashstore.FlashStore(str(state / "idevid"))
+    store.commit(store.stage(files))
+    root = x509.load_pem_x509_certificate(factory_ca.root_path.read_bytes())
+    (state / "ca0.der").write_bytes(
+        root.public_bytes(serialization.Encoding.DER)
+    )
+    config = state / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "device_id": "dev-1",
+                "host": "127.0.0.1",
+                "port": 1,
+                "server_name": "localhost",
+                "ca": [str(state / "ca0.der")],
+                "state": str(state),
+                "signer": {"kind": "chip"},
+                "time": {"source": "provided", "unix": _now()},
+            }
+        )
+    )
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from device_agent.micro import agent\n"
+        "from device_agent.micro.signer import Signer\n"
+        "class Chip(Signer):\n"
+        "    kind = 'ATECC608'\n"
+        "    hardware_protected = True\n"
+        "    def tls_key(self, slot):\n"
+        "        return None\n"
+        "agent.make_signer = lambda config: Chip()\n"
+        f"sys.exit(0 if agent.main({str(config)!r}) else 1)\n"
+    )
+    result = subprocess.run(
+        [str(MICROPYTHON), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == ""
+    [line] = result.stdout.splitlines()
+    event = json.loads(line[len("EVENT ") :])
+    assert event["event"] == "failed"
+    assert event["key"] == "hardware-protected (ATECC608)"
+    assert event["detail"] == (
+        "error: TransportError: this firmware's TLS stack cannot sign "
+        "with a secure element"
+    )

@@ -804,3 +804,37 @@ def test_cli_run_serves_until_sigterm(registrar_world, device):
     assert span(leaf) == datetime.timedelta(seconds=20)
     assert "dev-1" in err and "issued serial" in err
     assert len(registrar_world.registry.issuances()) == 1
+
+
+def test_cli_list_says_an_empty_file_holds_no_registry(tmp_path):
+    from sim_cli import assert_refused, invoke
+
+    layout = registrar.prepare(tmp_path / "registrar")
+    for extra in layout.registry_path.parent.glob("registry.sqlite-*"):
+        extra.unlink()
+    layout.registry_path.write_bytes(b"")
+
+    assert_refused(
+        invoke(["registrar", "list", "--dir", str(layout.directory)]),
+        "holds no registry",
+    )
+    assert layout.registry_path.read_bytes() == b""
+    with pytest.raises(RegistryError, match="holds no registry"):
+        Registry(layout.registry_path, read_only=True)
+
+
+def test_cli_run_names_an_empty_credential_file(tmp_path):
+    from sim_cli import assert_refused, invoke
+
+    layout = registrar.prepare(tmp_path / "registrar")
+    good = layout.chain_path.read_bytes()
+    where = ["registrar", "run", "--dir", str(layout.directory),
+             "--ca-file", str(layout.root_path)]  # fmt: skip
+    assert_refused(invoke([*where, "--broker", "999.1.1.1:8883"]), "--broker")
+    for path in (layout.chain_path, layout.key_path):
+        kept = path.read_bytes()
+        path.write_bytes(b"")
+        result = invoke([*where, "--broker", "127.0.0.1:1"])
+        assert_refused(result, f"{path} holds no PEM")
+        path.write_bytes(kept)
+    assert layout.chain_path.read_bytes() == good

@@ -396,3 +396,37 @@ def test_the_cli_loads_no_plotting_until_a_fleet_runs():
         check=True,
     )
     assert result.stdout.strip() == "False"
+
+
+def test_cli_revoke_refuses_pseudo_files_and_keeps_a_decommission(
+    line_and_registrar, tmp_path
+):
+    import os
+
+    from sim_cli import assert_refused
+
+    from firmware_sim.registry import Registry
+
+    line, layout = line_and_registrar
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in ("/proc/version", "/sys/kernel/notes", str(fifo)):
+        result = invoke(revoke_args(line, layout, "--crl-out", bad))
+        assert_refused(result, "--crl-out")
+    with Registry(layout.registry_path) as registry:
+        assert registry.get("dev-0001").status == "active"
+
+    crl_out = tmp_path / "crl.pem"
+    retired = invoke([
+        "decommission", *revoke_args(line, layout)[1:], "--crl-out",
+        str(crl_out),
+    ])  # fmt: skip
+    assert retired.exit_code == 0, retired.output
+    for command in (
+        revoke_args(line, layout, "--crl-out", str(crl_out)),
+        ["registrar", "revoke", "dev-0001",
+         "--dir", str(layout.directory)],
+    ):  # fmt: skip
+        assert_refused(invoke(command), "already decommissioned")
+    with Registry(layout.registry_path) as registry:
+        assert registry.get("dev-0001").status == DECOMMISSIONED

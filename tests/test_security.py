@@ -42,6 +42,8 @@ TOP = Path(__file__).resolve().parent.parent
 
 def _load_credscan():
     """campaigns/ is run from the repository top, not installed."""
+    if str(TOP) not in sys.path:
+        sys.path.insert(0, str(TOP))  # for its own campaigns.common
     spec = importlib.util.spec_from_file_location(
         "credscan", TOP / "campaigns" / "credscan.py"
     )
@@ -566,3 +568,11 @@ def test_a_chain_naming_another_device_in_its_uri_is_refused(
     line = one_line_error(device.run("install-chain", str(path), check=False))
     assert "wrong-identity" in line and "dev-other" in line
     assert device.snapshot() == before
+
+
+def test_the_scanner_scans_several_devices_by_default():
+    """Without options it brings up devices too: a scan of none would
+    report a clean result it never looked for."""
+    options = credscan.arguments([])
+    assert options.devices == 3
+    assert credscan.arguments(["--devices", "0"]).devices == 0

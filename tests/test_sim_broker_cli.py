@@ -467,6 +467,7 @@ BROKER_FILES_REFUSALS = {
     "port too large": (["--port", "65536"], "--port"),
     "host with a space": (["--host", "a b"], "--host"),
     "wildcard host": (["--host", "*.example"], "--host"),
+    "no such IPv4 address": (["--host", "999.1.1.1"], "--host"),
     "bad name": (["--name", "a..b"], "--name"),
     "zero days": (["--days", "0"], "--days"),
     "zero crl days": (["--crl-days", "0"], "--crl-days"),

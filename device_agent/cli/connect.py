@@ -10,6 +10,7 @@ import click
 
 from device_agent import credential
 from device_agent.cli.main import App, pass_app
+from device_agent.cli.params import FiniteFloat
 from device_agent.errors import SessionError
 from device_agent.session import Message, check_topic
 
@@ -31,7 +32,7 @@ from device_agent.session import Message, check_topic
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(0.1, 86400),
+    type=FiniteFloat(0.1, 86400),
     default=30.0,
     show_default=True,
     help="Seconds to wait for messages.",

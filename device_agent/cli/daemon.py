@@ -26,6 +26,7 @@ def run(app: App) -> None:
     """
     from device_agent.agent import Agent
 
+    app.settings()  # refuses a missing state_dir before anything runs
     Agent(app.load_settings).run()
 
 

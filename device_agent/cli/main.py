@@ -13,7 +13,7 @@ import click
 
 from device_agent import config
 from device_agent.cli import edge
-from device_agent.errors import ConfigError
+from device_agent.errors import ConfigError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +26,20 @@ class App:
         self.overrides = overrides
         self._settings: config.Settings | None = None
 
-    def settings(self) -> config.Settings:
+    def settings(self, need_state: bool = True) -> config.Settings:
+        """The settings; with ``need_state``, refuse a missing state_dir.
+
+        Only ``init`` makes the state directory. Any other verb that made
+        it (through a lock file, say) would leave an empty store behind
+        and report success on a device that was never set up.
+        """
         if self._settings is None:
             self._settings = self.load_settings()
+        state_dir = self._settings.state_dir
+        if need_state and not state_dir.is_dir():
+            raise StoreError(
+                f"state_dir {state_dir} does not exist (run init first)"
+            )
         return self._settings
 
     def load_settings(self) -> config.Settings:

@@ -43,12 +43,20 @@ def _lines(report: dict[str, Any]) -> list[str]:
         lines += _identity_lines(names.get(lineage, lineage), identity)
     agent = report.get("agent")
     if agent:
-        running = "running" if agent.get("running") else "not running"
+        if agent.get("running"):
+            head = f"{agent.get('state')} (running)"
+            renewal = agent.get("next_renewal") or "not scheduled"
+        else:
+            seen = agent.get("updated")
+            head = f"not running (last seen {agent.get('state')}" + (
+                f" at {seen})" if isinstance(seen, str) else ")"
+            )
+            renewal = "none (the agent is not running)"
         lines += [
-            f"agent:           {agent.get('state')} ({running})",
+            f"agent:           {head}",
             f"  clock:         {agent.get('clock')} "
             f"{agent.get('clock_reason') or ''}".rstrip(),
-            f"  next renewal:  {agent.get('next_renewal')}",
+            f"  next renewal:  {renewal}",
             f"  last result:   {agent.get('last_result')}",
             f"  failures:      {agent.get('failures_in_row')} in a row",
         ]
@@ -57,7 +65,7 @@ def _lines(report: dict[str, Any]) -> list[str]:
         answer = "present" if tpm["present"] else "not answering"
         lines.append(f"TPM:             {answer} at {tpm['tcti']}")
     else:
-        lines.append("TPM:             not checked (key_store = software)")
+        lines.append("TPM:             not checked (no key in it)")
     for problem in report["problems"]:
         label = "PROBLEM:" if problem["level"] == "error" else "warning:"
         lines.append(f"{label:17}{problem['problem']}")

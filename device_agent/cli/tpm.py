@@ -22,7 +22,7 @@ def info(app: App, as_json: bool, tcti: str | None) -> None:
     """Show the TPM's maker, firmware and loaded handles."""
     from device_agent.keys.tpm import TPMKeyStore
 
-    report = TPMKeyStore(tcti or app.settings().tcti).info()
+    report = TPMKeyStore(tcti or app.settings(need_state=False).tcti).info()
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -48,12 +49,17 @@ class SoftwareKeyStore:
 
     def _load(self, path: Path) -> ec.EllipticCurvePrivateKey:
         check_private_file(path)
+        data = path.read_bytes()
+        if not data.strip():
+            raise KeyStoreError(f"{path}: key file is empty")
         try:
-            key = serialization.load_pem_private_key(
-                path.read_bytes(), password=None
-            )
-        except (ValueError, TypeError) as exc:
-            raise KeyStoreError(f"{path}: not a readable key: {exc}") from None
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            # cryptography's own message carries an FAQ link and OpenSSL
+            # error codes: noise for someone looking at a broken file.
+            raise KeyStoreError(
+                f"{path}: not a readable key (no PEM private key in it)"
+            ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
             key.curve, ec.SECP256R1
         ):

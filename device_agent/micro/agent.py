@@ -31,7 +31,7 @@ import time
 from device_agent.core import clock, der, flashstore, messages
 from device_agent.micro import csr, mqtt, transport
 from device_agent.micro.boardclock import BoardClock
-from device_agent.micro.errors import BoardError, StepError
+from device_agent.micro.errors import BoardError, SignerError, StepError
 
 IDEVID = "idevid"
 LDEVID = "ldevid"
@@ -231,19 +231,29 @@ class Agent:
 
 
 def make_signer(config):
-    kind = config["kind"]
+    """The configured signer; StepError("signer", why) if there is none.
+
+    On a board a missing or unwired chip shows up here as an I2C error,
+    and that must be reported as the signer's fault, not as a traceback.
+    """
+    kind = config.get("kind")
     if kind == "atecc608":
-        import machine
+        try:
+            import machine
 
-        from device_agent.micro.atecc608 import Atecc608
+            from device_agent.micro.atecc608 import Atecc608
 
-        i2c = machine.I2C(
-            config.get("bus", 0),
-            scl=machine.Pin(config["scl"]),
-            sda=machine.Pin(config["sda"]),
-            freq=config.get("freq", 100000),
-        )
-        return Atecc608(i2c, config.get("address", 0x60))
+            i2c = machine.I2C(
+                config.get("bus", 0),
+                scl=machine.Pin(config["scl"]),
+                sda=machine.Pin(config["sda"]),
+                freq=config.get("freq", 100000),
+            )
+            return Atecc608(i2c, config.get("address", 0x60))
+        except Exception as error:
+            raise StepError(
+                "signer", "no ATECC608 on I2C: " + repr(error)
+            ) from None
     if kind == "host":
         from device_agent.micro.hostsigner import HostSigner
 
@@ -251,18 +261,53 @@ def make_signer(config):
     if kind == "software":
         from device_agent.micro.signer import software_signer
 
-        return software_signer()
-    raise StepError("error", "unknown signer kind " + repr(kind))
+        try:
+            return software_signer()
+        except SignerError as error:
+            raise StepError("signer", str(error)) from None
+    raise StepError("signer", "unknown signer kind " + repr(kind))
+
+
+# Any NTP answer before this (2024-01-01) is not the time: a server or
+# network that answers garbage must not make old certificates look fresh
+# or new ones look premature.
+SANE_NTP_FLOOR = 1704067200
 
 
 def make_clock(config):
+    """The board clock, set; StepError("clock_untrusted") if it cannot be.
+
+    NTP fails in ordinary ways on a board (no network yet, a timeout, a
+    port without ``ntptime``), and each must end as one clear event.
+    """
     board_clock = BoardClock()
-    if config["source"] == "ntp":
-        board_clock.sync(config.get("host", "pool.ntp.org"))
-    elif config["source"] == "provided":
-        board_clock.set(config["unix"])
+    source = config.get("source")
+    if source == "ntp":
+        host = config.get("host", "pool.ntp.org")
+        try:
+            board_clock.sync(host)
+        except Exception as error:
+            raise StepError(
+                "clock_untrusted",
+                "no time from NTP server " + host + ": " + repr(error),
+            ) from None
+        if board_clock.now() < SANE_NTP_FLOOR:
+            raise StepError(
+                "clock_untrusted",
+                "NTP server "
+                + host
+                + " gave an impossible time "
+                + str(board_clock.now()),
+            )
+    elif source == "provided":
+        try:
+            board_clock.set(config["unix"])
+        except (KeyError, ValueError) as error:
+            raise StepError(
+                "clock_untrusted", "bad provided time: " + str(error)
+            ) from None
     else:
-        raise StepError("error", "unknown time source")
+        raise StepError("error", "unknown time source " + repr(source))
     return board_clock
 
 
@@ -270,13 +315,18 @@ def main(config_path, renewals=0):
     """Bring the device up, renew ``renewals`` times, report each step.
 
     Each step prints one line, ``EVENT`` and a JSON object, so a person at
-    the serial console and a test read the same thing.
+    the serial console and a test read the same thing. Every failure,
+    from an unreadable configuration on, ends in one ``failed`` event:
+    a traceback on a serial console is no report.
     """
-    config = json.loads(_read(config_path))
-    # The clock is set before anything else looks at a certificate.
-    board_clock = make_clock(config["time"])
-    agent = Agent(config, make_signer(config["signer"]), board_clock)
+    config = {}
+    board_clock = None
+    agent = None
     try:
+        config = json.loads(_read(config_path))
+        # The clock is set before anything else looks at a certificate.
+        board_clock = make_clock(config["time"])
+        agent = Agent(config, make_signer(config["signer"]), board_clock)
         agent.start()
         _event("connected", agent)
         if agent.identity == IDEVID:
@@ -287,14 +337,46 @@ def main(config_path, renewals=0):
             agent.heartbeat()
             _event("renewed", agent, milliseconds)
     except StepError as failure:
-        _event("failed", agent, detail=failure.state + ": " + failure.detail)
+        detail = failure.state + ": " + failure.detail
+        _failed(agent, config, board_clock, detail)
         return False
-    except (BoardError, OSError) as error:
-        _event("failed", agent, detail="error: " + repr(error))
+    except SignerError as error:
+        _failed(agent, config, board_clock, "signer: " + str(error))
+        return False
+    except BoardError as error:
+        # Our own messages are written to be read; a class name says
+        # which part of the board agent gave up.
+        what = type(error).__name__ + ": " + str(error)
+        _failed(agent, config, board_clock, "error: " + what)
+        return False
+    except Exception as error:
+        _failed(agent, config, board_clock, "error: " + repr(error))
         return False
     finally:
-        agent.close()
+        if agent is not None:
+            agent.close()
     return True
+
+
+def _failed(agent, config, board_clock, detail):
+    """The ``failed`` event, also when no agent could be made."""
+    if agent is not None:
+        _event("failed", agent, detail=detail)
+        return
+    record = {
+        "device_id": config.get("device_id"),
+        "key": None,
+        "identity": None,
+        "generation": None,
+        "serial": None,
+        "not_after": None,
+        "clock": "not set",
+        "event": "failed",
+        "detail": detail,
+    }
+    if board_clock is not None and board_clock.source:
+        record["clock"] = board_clock.source
+    print("EVENT " + json.dumps(record))
 
 
 def _event(name, agent, milliseconds=None, detail=None):
