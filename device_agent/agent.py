@@ -31,11 +31,12 @@ from device_agent.errors import (
     KeyStoreError,
     RenewalError,
     SessionError,
+    StoppedError,
     StoreError,
     TPMError,
 )
 from device_agent.renewal import renew
-from device_agent.session import Outbox, Session
+from device_agent.session import Outbox, Session, StopSignal
 from device_agent.store import CredentialStore, Generation, write_atomic
 from device_agent.systemd import Notifier
 
@@ -105,6 +106,7 @@ class Agent:
 
         self._wake = threading.Event()
         self._stop = False
+        self.stopping = StopSignal()
         self._renew_now = False
         self._reload = False
         # Requests to renew now (SIGUSR1) answered so far, and the last
@@ -118,10 +120,13 @@ class Agent:
         store = CredentialStore(self.settings.state_dir, FACTORY)
         with store.lock(timeout=0.5, name=AGENT_LOCK), self._pid_file():
             self._install_signals()
-            self._recover()
-            self.last_good = self._read_last_good()
-            logger.info("agent started for %s", self.settings.device_id)
+            # What a previous run wrote is replaced before anything that
+            # can block: status must not show a dead process's state.
+            self._write_status_quietly()
             try:
+                self._recover()
+                self.last_good = self._read_last_good()
+                logger.info("agent started for %s", self.settings.device_id)
                 while not self._stop:
                     self._guarded_tick()
                     self._sleep()
@@ -137,6 +142,10 @@ class Agent:
         """
         try:
             self._tick()
+        except StoppedError as exc:
+            # Asked to stop in the middle of a wait: not a failure.
+            self.last_result = str(exc)
+            logger.info("%s", exc)
         except RestartError as exc:
             self.state = "restarting"
             self.last_result = str(exc)
@@ -248,23 +257,10 @@ class Agent:
         if now < self.next_connect:
             return
         self.state = "connecting"
+        self._write_status_quietly()  # a connect can take connect_timeout
         candidates = self._candidates(now)
-        refused = 0
-        for lineage, generation in candidates:
-            try:
-                session = self._new_session(generation, lineage)
-                session.open()
-            except SessionError as exc:
-                self._connect_failed(lineage, generation, exc)
-                if exc.reason in ("refused", "tls"):
-                    refused += 1
-                    continue
-                break
-            except AgentError as exc:
-                self._connect_failed(lineage, generation, exc)
-                self._check_tpm_provider(generation, exc)
-                continue
-            self._use(session, lineage, generation)
+        refused = self._connect_any(candidates)
+        if refused is None:
             return
         attempt = self.connect_attempt
         if candidates and refused == len(candidates):
@@ -296,9 +292,39 @@ class Agent:
         self.connect_attempt += 1
         self.next_connect = now + delay
 
+    def _connect_any(
+        self, candidates: list[tuple[str, Generation]]
+    ) -> int | None:
+        """Connect with the first credential that works.
+
+        Returns None once connected, else how many credentials the
+        broker refused.
+        """
+        refused = 0
+        for lineage, generation in candidates:
+            try:
+                session = self._new_session(generation, lineage)
+                session.open()
+            except StoppedError:
+                raise
+            except SessionError as exc:
+                self._connect_failed(lineage, generation, exc)
+                if exc.reason in ("refused", "tls"):
+                    refused += 1
+                    continue
+                break
+            except AgentError as exc:
+                self._connect_failed(lineage, generation, exc)
+                self._check_tpm_provider(generation, exc)
+                continue
+            self._use(session, lineage, generation)
+            return None
+        return refused
+
     def _new_session(self, generation: Generation, lineage: str) -> Session:
         session = credential.open_session(self.settings, generation, lineage)
         session.outbox = self.outbox
+        session.stop = self.stopping
         return session
 
     def _connect_failed(
@@ -340,6 +366,7 @@ class Agent:
         self.state = "connected"
         self.next_heartbeat = self.now()
         self._schedule_renewal()
+        self._write_status_quietly()
         self.notifier.send(ready="1", status=self._summary())
         logger.info(
             "connected with the %s credential, generation %d",
@@ -693,6 +720,8 @@ class Agent:
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
         self._wake.set()
+        # In a wait for the network, this raises StoppedError to end it.
+        self.stopping.request()
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self._reload = True

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
+import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -196,7 +199,7 @@ def _self_signed(cert: x509.Certificate) -> bool:
 def load_anchors(path: Path) -> list[x509.Certificate]:
     """The trust anchors in a CA file."""
     try:
-        data = path.read_bytes()
+        data = _read_regular(path)
     except OSError as exc:
         raise ChainError(
             "unknown-ca", f"trust anchor {path}: {exc.strerror or exc}"
@@ -207,6 +210,20 @@ def load_anchors(path: Path) -> list[x509.Certificate]:
         raise ChainError(
             "unknown-ca", f"trust anchor {path}: {exc.detail}"
         ) from None
+
+
+def _read_regular(path: Path) -> bytes:
+    """A regular file's bytes, up to one more than MAX_BUNDLE_BYTES.
+
+    Opened without blocking, so a FIFO put in its place cannot hang us,
+    and checked before reading, so a device file cannot flood us.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return stream.read(MAX_BUNDLE_BYTES + 1)
 
 
 def verify(
@@ -242,10 +259,86 @@ def verify(
     try:
         policy.build_client_verifier().verify(leaf, list(chain[1:]))
     except verification.VerificationError as exc:
-        raise ChainError(
+        raise _diagnose(chain, anchors, str(exc)) from None
+
+
+# Hashes the verifier accepts in signatures; Ed25519 and Ed448 have none.
+_ACCEPTED_HASHES = ("sha256", "sha384", "sha512")
+_BAD_EXTENSION = re.compile(r"invalid extension: ([0-9.]+)")
+# cryptography's messages may end in a Python or Rust rendering of a
+# certificate or an algorithm, which says nothing to a person.
+_REPR = re.compile(r"\s*\(encountered processing .*|\s*[<{].*", re.DOTALL)
+
+
+def _diagnose(
+    chain: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    message: str,
+) -> ChainError:
+    """Say why the verifier refused ``chain``, in words and names.
+
+    Only called once it refused, so these checks can never turn away a
+    chain the verifier accepts.
+    """
+    for number, cert in enumerate(chain):
+        what = "certificate" if number == 0 else "issuer"
+        algorithm = cert.signature_hash_algorithm
+        if algorithm is not None and algorithm.name not in _ACCEPTED_HASHES:
+            return ChainError(
+                "weak-signature",
+                f"{what} {_name(cert)} is signed with {algorithm.name}, "
+                f"which is not accepted (use {', '.join(_ACCEPTED_HASHES)})",
+            )
+
+    named = _BAD_EXTENSION.search(message)
+    for number, cert in enumerate(chain):
+        what = "certificate" if number == 0 else "issuer"
+        for extension in cert.extensions:
+            unknown = isinstance(extension.value, x509.UnrecognizedExtension)
+            blamed = named is not None and (
+                extension.oid.dotted_string == named.group(1)
+            )
+            if extension.critical and (unknown or blamed):
+                return ChainError(
+                    "unsupported-extension",
+                    f"{what} {_name(cert)} has a critical extension that "
+                    f"is not supported: {_oid_name(extension.oid)}",
+                )
+
+    last = chain[-1]
+    issuer = last.issuer.rfc4514_string() or "(empty name)"
+    namesakes = [c for c in [*chain, *anchors] if c.subject == last.issuer]
+    if not namesakes:
+        missing = (
+            "intermediate missing"
+            if last is chain[0]
+            else "does not chain to the trust anchor"
+        )
+        return ChainError(
             "unknown-ca",
-            f"does not chain to the trust anchor ({_first(exc)})",
-        ) from None
+            f"{missing}: no certificate for issuer {issuer} in the chain "
+            "or the trust anchor",
+        )
+    if _find_issuer(last, namesakes) is None:
+        return ChainError(
+            "unknown-ca",
+            f"does not chain to the trust anchor: the certificate named "
+            f"{issuer} has another key than the one that signed "
+            f"{_name(last)}",
+        )
+
+    first_line = message.splitlines()[0] if message else "no path found"
+    detail = _REPR.sub("", first_line).rstrip(" :")
+    return ChainError(
+        "unknown-ca", f"does not chain to the trust anchor ({detail})"
+    )
+
+
+def _oid_name(oid: x509.ObjectIdentifier) -> str:
+    name = oid._name
+    if name and name != "Unknown OID":
+        return f"{name} ({oid.dotted_string})"
+    return oid.dotted_string
 
 
 def _check_dates(

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,16 @@ MQTT_VERSIONS = ("5", "3.1.1")
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
 _TCTI = re.compile(r"(swtpm|mssim|device|tabrmd|libtpms)(:.*)?")
+# Numbers given as text take ASCII digits only: int() and float() also
+# read other scripts' digits, which no one means in a config.
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_DECIMAL = re.compile(
+    r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII
+)
+
+# CA files are a few KiB; anything larger, or anything that is not a
+# regular file (a FIFO, /dev/zero), would hang or exhaust the agent.
+MAX_FILE_BYTES = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +122,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 def _integer(low: int, high: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("must be a whole number")
@@ -125,10 +136,9 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
 def _number(low: float, high: float, what: str) -> Callable[[Any], float]:
     def convert(value: Any) -> float:
         if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"must be {what}") from None
+            if not _DECIMAL.fullmatch(value.strip()):
+                raise ValueError(f"must be {what}")
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"must be {what}")
         if not low <= value <= high:
@@ -194,13 +204,20 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 }
 
 _PATH_FIELDS = ("state_dir", "ca_file", "trust_anchor", "openssl_modules")
+_FILE_FIELDS = ("ca_file", "trust_anchor")
 _REQUIRED = ("device_id", "state_dir")
 
 
 def read_file(path: Path) -> dict[str, Any]:
     """Parse a TOML config file into raw values; paths relative to it."""
-    if path.exists() and not path.is_file() and str(path) != "/dev/null":
-        raise ConfigError(str(path), "is not a regular file")
+    info = _stat(path)
+    if info is not None and str(path) != "/dev/null":
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(str(path), "is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ConfigError(
+                str(path), f"is larger than {MAX_FILE_BYTES} bytes"
+            )
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -213,12 +230,79 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    if info is not None and stat.S_ISREG(info.st_mode):
+        _check_writers(path, info, "renewal_hook" in raw)
 
     for name in _PATH_FIELDS:
         value = raw.get(name)
         if isinstance(value, str) and value and not value.startswith("~"):
             raw[name] = str(path.parent / value)
     return raw
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None  # reading it says why
+
+
+def _check_writers(path: Path, info: os.stat_result, has_hook: bool) -> None:
+    """Refuse a config file others could change.
+
+    Whoever can write the file can point the agent at another broker
+    and CA, and through renewal_hook run any command as the agent's
+    user, often root: group write is refused when the file sets one.
+    """
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & stat.S_IWOTH:
+        who, fix = "everyone", "o-w"
+    elif mode & stat.S_IWGRP and has_hook:
+        who, fix = "its group and sets renewal_hook", "g-w,o-w"
+    else:
+        return
+    raise ConfigError(
+        str(path),
+        f"is writable by {who} (mode {mode:04o}); "
+        f"run: chmod {fix} {shlex.quote(str(path))}",
+    )
+
+
+def check_file(path: Path) -> None:
+    """Refuse what is not a regular file of at most MAX_FILE_BYTES.
+
+    Only stat() is used, so a FIFO is never opened (opening one blocks
+    until someone writes to it).
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{path}: is a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(
+            f"{path}: {info.st_size} bytes, over the {MAX_FILE_BYTES} allowed"
+        )
+
+
+def _check_paths(settings: Settings) -> None:
+    for name in _FILE_FIELDS:
+        path = getattr(settings, name)
+        if path is not None:
+            try:
+                check_file(path)
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+    state_dir = _stat(settings.state_dir)
+    if state_dir is not None and not stat.S_ISDIR(state_dir.st_mode):
+        raise ConfigError(
+            "state_dir", f"{settings.state_dir}: not a directory"
+        )
 
 
 def from_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -257,6 +341,7 @@ def build(*layers: Mapping[str, Any]) -> Settings:
     made = Settings(**settings)
     if made.retry_cap < made.retry_base:
         raise ConfigError("retry_cap", "must not be below retry_base")
+    _check_paths(made)
     return made
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import logging
 import os
 import shutil
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from device_agent.session import Session
 from device_agent.store import (
     CredentialStore,
     Generation,
+    check_access,
     check_private_dir,
 )
 
@@ -51,11 +53,13 @@ def keygen(
 
     Without ``force`` an existing key is never replaced. With it, the new
     key waits as "pending" and the credential in use is untouched until a
-    chain for the new key is installed.
+    chain for the new key is installed. A store left damaged is refused
+    and left as it is: repairing it is the agent's recovery, which may
+    fall back to an older generation, and no side effect of this command.
     """
     store = open_store(settings, lineage)
-    with store.lock():
-        store.recover()
+    with _renewal_held(settings, lineage), store.lock():
+        _check_current(store)
         existing = store.pending() or store.current()
         if existing is not None and not force:
             raise KeyStoreError(
@@ -72,6 +76,10 @@ def keygen(
             shutil.rmtree(generation.path, ignore_errors=True)
             raise
         replaced = store.pending()
+        if replaced is not None and replaced == store.current():
+            # A commit cut short leaves pending on the generation now in
+            # use: that one is kept, not replaced.
+            replaced = None
         store.set_pending(generation)
         if replaced is not None:
             store.discard(replaced)
@@ -83,6 +91,31 @@ def keygen(
         "hardware_protected": key_store.hardware_protected,
         "fingerprint": fingerprint(public_key),
     }
+
+
+@contextlib.contextmanager
+def _renewal_held(settings: Settings, lineage: str) -> Iterator[None]:
+    """Hold off a renewal while a new operational key is made.
+
+    A renewal running meanwhile would take the new key for one an
+    earlier renewal left behind, and discard it.
+    """
+    if lineage != OPERATIONAL:
+        yield
+        return
+    from device_agent.renewal import RENEWAL_LOCK
+
+    store = CredentialStore(settings.state_dir, lineage)
+    with store.lock(timeout=0.5, name=RENEWAL_LOCK):
+        yield
+
+
+def _check_current(store: CredentialStore) -> None:
+    """Refuse a current pointer that leads to a deleted generation."""
+    broken = store.broken("current")
+    if broken is not None:
+        name = _LINEAGE_NAMES.get(store.lineage, store.lineage)
+        raise StoreError(f"{name}: {broken}")
 
 
 def key_store_for_new_key(settings: Settings) -> keys.KeyStore:
@@ -103,10 +136,17 @@ def key_store_for_new_key(settings: Settings) -> keys.KeyStore:
 
 def signing_generation(store: CredentialStore) -> Generation:
     """The key a new request should carry: pending first, else current."""
+    _check_current(store)
     generation = store.pending() or store.current()
     if generation is None or generation.key_path() is None:
-        raise KeyStoreError("no key yet: run 'device-agent keygen' first")
+        raise KeyStoreError(_no_key(store.lineage))
     return generation
+
+
+def _no_key(lineage: str) -> str:
+    """What to run when ``lineage`` holds no key yet."""
+    option = " --identity operational" if lineage == OPERATIONAL else ""
+    return f"no key yet: run 'device-agent keygen{option}' first"
 
 
 def make_csr(settings: Settings, lineage: str = FACTORY) -> bytes:
@@ -172,9 +212,10 @@ def _match_key(
     store: CredentialStore,
     certificates: list[x509.Certificate],
 ) -> tuple[Generation, list[x509.Certificate]]:
+    _check_current(store)
     candidates = [g for g in (store.pending(), store.current()) if g]
     if not candidates:
-        raise KeyStoreError("no key yet: run 'device-agent keygen' first")
+        raise KeyStoreError(_no_key(store.lineage))
     for generation in candidates:
         key_path = _key_path(generation)
         public_key = keys.for_key(key_path, settings).public_key(key_path)
@@ -202,7 +243,9 @@ def open_session(
     """
     check_private_dir(settings.state_dir)
     if generation is None:
-        generation = CredentialStore(settings.state_dir, lineage).current()
+        store = CredentialStore(settings.state_dir, lineage)
+        _check_current(store)
+        generation = store.current()
     if generation is None:
         raise StoreError(
             "no certificate installed yet: run 'device-agent install-chain'"
@@ -283,6 +326,7 @@ def status(
     """
     now = now or datetime.datetime.now(datetime.UTC)
     problems: list[dict[str, str]] = []
+    check_access(settings.state_dir)
     try:
         check_private_dir(settings.state_dir)
     except StoreError as exc:
@@ -412,6 +456,12 @@ def _describe_lineage(
                     f"{settings.device_id}: is state_dir another "
                     "device's store?"
                 )
+            certificate = described["certificate"]
+            if certificate["state"] == "expired":
+                problem(
+                    f"certificate {certificate['serial']} expired at "
+                    f"{certificate['not_after']}"
+                )
     return described
 
 
@@ -425,12 +475,9 @@ def _pointer(
         problem(f"{name} pointer broken: {exc}")
         return None
     link = store.root / name
-    if generation is None and os.path.lexists(link):
-        try:
-            target = os.readlink(link)
-        except OSError:
-            target = "?"
-        problem(f"{name} pointer broken: it leads to {target}, which is gone")
+    broken = store.broken(name) if generation is None else None
+    if broken is not None:
+        problem(broken)
     if generation is None and name == "current" and not os.path.lexists(link):
         complete = [g for g in store.generations() if g.complete()]
         if complete:
@@ -602,15 +649,19 @@ def best_credential(
 ) -> tuple[str, Generation]:
     """The operational credential while it is valid, else the factory one.
 
-    A damaged operational chain is passed over with a warning, as the
-    agent does: the factory identity still connects, and enrolls again.
-    Only the factory chain's damage is an error, naming its file.
+    A damaged or expired operational credential is passed over with a
+    warning, as the agent does: the factory identity still connects, and
+    enrolls again. The factory credential's damage is an error naming
+    what is wrong, and an expired one is never presented.
     """
     check_private_dir(settings.state_dir)
     now = now or datetime.datetime.now(datetime.UTC)
+    expired: list[str] = []
     for lineage in (OPERATIONAL, FACTORY):
-        generation = CredentialStore(settings.state_dir, lineage).current()
+        store = CredentialStore(settings.state_dir, lineage)
+        generation = store.current()
         if generation is None:
+            _skip_broken(store)
             continue
         path = generation.chain_path
         try:
@@ -630,13 +681,31 @@ def best_credential(
                 why,
             )
             continue
-        if lineage == FACTORY:
+        if leaf.not_valid_after_utc <= now:
+            expired.append(
+                f"certificate of the {_LINEAGE_NAMES[lineage]} identity "
+                f"expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z"
+            )
+            if lineage == OPERATIONAL:
+                logger.warning("%s: using the factory identity", expired[-1])
+            continue
+        if lineage == FACTORY or leaf.not_valid_before_utc <= now:
             return lineage, generation
-        if leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
-            return lineage, generation
+    if expired:
+        raise StoreError("; ".join(expired))
     raise StoreError(
         "no certificate installed yet: run 'device-agent install-chain'"
     )
+
+
+def _skip_broken(store: CredentialStore) -> None:
+    """Pass over a broken operational pointer; refuse a factory one."""
+    if store.lineage == FACTORY:
+        _check_current(store)
+        return
+    broken = store.broken("current")
+    if broken is not None:
+        logger.warning("operational: %s: using the factory identity", broken)
 
 
 def renew_once(settings: Settings) -> x509.Certificate:

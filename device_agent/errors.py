@@ -116,3 +116,15 @@ class RenewalError(AgentError):
         super().__init__(f"renewal failed at {step}: {detail}")
         self.step = step
         self.detail = detail
+
+
+class StoppedError(AgentError):
+    """A stop was asked for while the agent waited; nothing failed.
+
+    ``waiting_for`` names what the wait was for, such as the broker or
+    the registrar's answer.
+    """
+
+    def __init__(self, waiting_for: str) -> None:
+        super().__init__(f"stopped while waiting for {waiting_for}")
+        self.waiting_for = waiting_for

@@ -26,7 +26,12 @@ from device_agent import chain, csr, keys
 from device_agent.config import Settings
 from device_agent.credential import OPERATIONAL, key_store_for_new_key
 from device_agent.enroll import Enroller
-from device_agent.errors import AgentError, ChainError, RenewalError
+from device_agent.errors import (
+    AgentError,
+    ChainError,
+    RenewalError,
+    StoppedError,
+)
 from device_agent.session import Session
 from device_agent.store import CredentialStore, Generation
 
@@ -66,7 +71,8 @@ def renew(
 
     ``open_session`` builds a session (not yet open) for a generation;
     the transaction opens it and commits only once the broker accepted
-    the new credential. Raises RenewalError naming the failed step.
+    the new credential. Raises RenewalError naming the failed step, or
+    StoppedError when a stop broke off a wait; either way nothing is kept.
     """
     clock = now or (lambda: datetime.datetime.now(datetime.UTC))
     store = CredentialStore(settings.state_dir, OPERATIONAL)
@@ -102,7 +108,7 @@ class _Transaction:
             self._commit(previous, seen)
         except BaseException as exc:
             self._abandon()
-            if isinstance(exc, RenewalError):
+            if isinstance(exc, RenewalError | StoppedError):
                 raise
             if isinstance(exc, AgentError):
                 raise RenewalError(self.step, str(exc)) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -11,7 +12,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -19,12 +20,51 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.core import backoff
-from device_agent.errors import SessionError
+from device_agent.errors import SessionError, StoppedError
 
 logger = logging.getLogger(__name__)
 
 _PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 DEFAULT_OFFLINE_QUEUE = 1000
+
+
+class StopSignal:
+    """A request to stop that also ends a wait in progress.
+
+    A signal handler calls :meth:`request`. An event cannot wake a
+    wait on the network, since a TLS handshake blocks in a system call;
+    so while the main thread is inside :meth:`waiting`, the request
+    raises StoppedError from the handler, which breaks off that call.
+    Anywhere else the request is only noted, and the next wait is
+    refused at once. Other threads' waits are never broken off: the
+    handler runs, and raises, in the main thread only.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._waits: list[str] = []
+
+    def request(self) -> None:
+        self.requested = True
+        if self._waits:
+            waiting_for = self._waits[-1]
+            self._waits.clear()  # one exception per wait, not one per signal
+            raise StoppedError(waiting_for)
+
+    @contextlib.contextmanager
+    def waiting(self, waiting_for: str) -> Iterator[None]:
+        """Let a stop request end what runs inside, naming what it awaited."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        if self.requested:
+            raise StoppedError(waiting_for)
+        self._waits.append(waiting_for)
+        try:
+            yield
+        finally:
+            if self._waits:
+                self._waits.pop()
 
 
 class Message:
@@ -202,6 +242,9 @@ class Session:
         # Messages published with queue=True wait here while the link is
         # down; an owner may share one outbox between its sessions.
         self.outbox = outbox or Outbox()
+        # An owner that handles SIGTERM puts its own here, so that a stop
+        # ends a wait for the broker instead of waiting out its timeout.
+        self.stop = StopSignal()
 
         self._context_factory = context_factory
         # Kept across reconnects: building one loads the key, which for a
@@ -296,7 +339,8 @@ class Session:
         if not qos:
             return True
         try:
-            info.wait_for_publish(timeout)
+            with self.stop.waiting(f"the broker to acknowledge {topic}"):
+                info.wait_for_publish(timeout)
         except RuntimeError as exc:
             raise SessionError("lost", str(exc)) from None
         finally:
@@ -320,9 +364,10 @@ class Session:
         # A link that drops meanwhile puts the message back in the queue;
         # the caller learns that at once rather than after the timeout.
         deadline = time.monotonic() + timeout
-        while not message.done.wait(0.1):
-            if not self.connected or time.monotonic() >= deadline:
-                return False
+        with self.stop.waiting(f"the broker to acknowledge {topic}"):
+            while not message.done.wait(0.1):
+                if not self.connected or time.monotonic() >= deadline:
+                    return False
         if message.refused is not None:
             code = message.refused
             raise SessionError(
@@ -377,7 +422,9 @@ class Session:
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
                 raise SessionError("lost", f"subscribe to {topic} failed")
             self._acks[mid] = (event, granted)
-        if not event.wait(timeout):
+        with self.stop.waiting(f"the broker to grant {topic}"):
+            granted_in_time = event.wait(timeout)
+        if not granted_in_time:
             raise SessionError("timeout", f"no SUBACK for {topic}")
         codes = [int(getattr(c, "value", c)) for c in granted]
         if not codes or any(c >= 0x80 for c in codes):
@@ -422,30 +469,8 @@ class Session:
         self._changed.clear()
         target = f"{self.host}:{self.port}"
 
-        try:
-            client.connect(self.host, self.port, self.keepalive)
-        except ssl.SSLCertVerificationError as exc:
-            raise SessionError(
-                "tls", f"broker certificate refused: {exc.verify_message}"
-            ) from None
-        except ssl.SSLError as exc:
-            raise SessionError("tls", _ssl_reason(exc)) from None
-        except ConnectionRefusedError:
-            raise SessionError(
-                "unreachable", f"connection refused by {target}"
-            ) from None
-        except TimeoutError:
-            raise SessionError("timeout", f"no answer from {target}") from None
-        except OSError as exc:
-            raise SessionError(
-                "unreachable", f"{target}: {exc.strerror or exc}"
-            ) from None
-
-        self.tls_version = self.tls_version_of(client)
-        # paho's own thread owns the socket from here on: an SSL socket
-        # must not be read and written from two threads at once.
-        client.loop_start()
-        self._changed.wait(self.connect_timeout)
+        with self.stop.waiting(f"the broker at {target}"):
+            self._open_link(client, target)
         code = self._connack
         if code is None or code.is_failure:
             client.disconnect()
@@ -469,6 +494,38 @@ class Session:
             self.client_id,
             self.tls_version,
         )
+
+    def _open_link(self, client: mqtt.Client, target: str) -> None:
+        """Connect, hand the socket to paho's thread, await the CONNACK."""
+        try:
+            client.connect(self.host, self.port, self.keepalive)
+        except ssl.SSLCertVerificationError as exc:
+            raise SessionError(
+                "tls", f"broker certificate refused: {exc.verify_message}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise SessionError("tls", _ssl_reason(exc)) from None
+        except ConnectionRefusedError:
+            raise SessionError(
+                "unreachable", f"connection refused by {target}"
+            ) from None
+        except TimeoutError:
+            raise SessionError("timeout", f"no answer from {target}") from None
+        except OSError as exc:
+            raise SessionError(
+                "unreachable", f"{target}: {exc.strerror or exc}"
+            ) from None
+
+        self.tls_version = self.tls_version_of(client)
+        try:
+            # paho's own thread owns the socket from here on: an SSL
+            # socket must not be read and written from two threads.
+            client.loop_start()
+            self._changed.wait(self.connect_timeout)
+        except StoppedError:
+            client.disconnect()
+            client.loop_stop()
+            raise
 
     def _closed_reason(self) -> str:
         """Why the broker hung up between the handshake and CONNACK."""

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -111,6 +112,21 @@ class CredentialStore:
     def pending(self) -> Generation | None:
         """The key waiting for a certificate, if there is one."""
         return self._pointer("pending")
+
+    def broken(self, name: str) -> str | None:
+        """Why pointer ``name`` leads nowhere, or None if it is sound.
+
+        A pointer whose generation was deleted reads as no pointer at
+        all; this tells the two apart, for a diagnosis that names it.
+        """
+        link = self.root / name
+        if self._pointer(name) is not None or not os.path.lexists(link):
+            return None
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = "?"
+        return f"{name} pointer broken: it leads to {target}, which is gone"
 
     def generations(self) -> list[Generation]:
         if not self._generations.is_dir():
@@ -272,6 +288,12 @@ class CredentialStore:
             target = os.readlink(link)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            check_access(self.state_dir)
+            raise StoreError(
+                f"cannot read {self.root} as user {_user()} "
+                "(Permission denied)"
+            ) from None
         except OSError as exc:
             raise StoreError(
                 f"{link}: not a pointer ({exc.strerror})"
@@ -359,6 +381,32 @@ def check_private_dir(path: Path) -> None:
             f"{path} is open to group or others (mode {mode:04o}); keys are "
             "kept only in a directory private to the agent (chmod 700)"
         )
+    check_access(path)
+
+
+def check_access(path: Path) -> None:
+    """Refuse a state directory this user may not read.
+
+    Without this, every pointer and key in it would look missing or
+    broken to a user who merely lacks the rights to see them.
+    """
+    try:
+        os.listdir(path)
+    except FileNotFoundError:
+        return
+    except PermissionError as exc:
+        raise StoreError(
+            f"cannot read state_dir {path} as user {_user()} ({exc.strerror})"
+        ) from None
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from device_agent.config import check_file
 from device_agent.errors import ConfigError, KeyStoreError, TPMError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,12 @@ def client_context(
     if max_version is not None:
         context.maximum_version = TLS_VERSIONS[max_version]
 
+    # Checked here as well as at load: the file may have been replaced
+    # since, and OpenSSL would block forever opening a FIFO.
+    try:
+        check_file(ca_file)
+    except ValueError as exc:
+        raise ConfigError("ca_file", str(exc)) from None
     try:
         context.load_verify_locations(cafile=os.fspath(ca_file))
     except FileNotFoundError:

@@ -121,6 +121,16 @@ class CertificateAuthority:
         return ca
 
     @property
+    def name(self) -> str:
+        """The name the CA was created with: its root's organization."""
+        names = self.root.subject.get_attributes_for_oid(
+            NameOID.ORGANIZATION_NAME
+        )
+        if not names:
+            return _describe(self.root.subject)
+        return str(names[0].value)
+
+    @property
     def root_path(self) -> Path:
         """The trust anchor file that verifiers of our leafs need."""
         return self.directory / ROOT_CERT

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import click
 
 from firmware_sim.ca import CertificateAuthority
+from firmware_sim.cli_registrar import shorten
 from firmware_sim.device import SOFTWARE, TPM, SimDevice
 from firmware_sim.factory import FactoryLine, ek_ca_config
 from firmware_sim.params import directory_option
-from firmware_sim.registry import RegistryError, check_device_id
+from firmware_sim.registry import device_id_problem
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,10 @@ CA_DIR = "factory-ca"
 DB_FILE = "factory.sqlite"
 EK_CA_DIR = "ek-ca"
 DEVICES_DIR = "devices"
+
+# A serial as the agent's config takes it.
+SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
+SERIAL_RULE = "1 to 64 printable ASCII characters without spaces"
 
 
 @click.command()
@@ -66,6 +72,7 @@ def factory(
     ("kept ...") and makes the rest, so an interrupted run resumes.
     """
     _check_prefix(prefix, count)
+    _check_serial_base(serial_base, count)
     directory = directory.absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_dir = directory / CA_DIR
@@ -101,13 +108,34 @@ def _check_prefix(prefix: str, count: int) -> None:
     wrong. The last id is the longest, so checking the first and the
     last covers the batch.
     """
-    for number in sorted({1, count}):
-        try:
-            check_device_id(f"{prefix}-{number:04d}")
-        except RegistryError as error:
-            raise click.BadParameter(
-                f"it makes ids such as {error}", param_hint="--prefix"
-            ) from None
+    for device_id in _numbered(prefix, count):
+        problem = device_id_problem(device_id)
+        if problem is not None:
+            raise click.UsageError(
+                f"--prefix {shorten(prefix)} makes device ids such as "
+                f"{shorten(device_id)}, which are not valid: {problem}"
+            )
+
+
+def _check_serial_base(base: str, count: int) -> None:
+    """Refuse a serial base that makes serials the agent would refuse."""
+    if not base:
+        raise click.UsageError(
+            "--serial-base must not be empty: serials are BASE-0001, "
+            "BASE-0002 and so on"
+        )
+    for serial in _numbered(base, count):
+        if not SERIAL.fullmatch(serial):
+            raise click.UsageError(
+                f"--serial-base {shorten(base)} makes serials such as "
+                f"{shorten(serial)}, which are not valid: a serial is "
+                f"{SERIAL_RULE}"
+            )
+
+
+def _numbered(base: str, count: int) -> list[str]:
+    """The first and the last of ``count`` numbered names: the longest."""
+    return [f"{base}-{number:04d}" for number in sorted({1, count})]
 
 
 def _make(

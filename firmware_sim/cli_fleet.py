@@ -59,6 +59,13 @@ def fleet(
     # The report draws with matplotlib: slow to import, so only here.
     from firmware_sim import report
 
+    minimum = fleet_module.MINIMUM_DEVICES[scenario]
+    if count < minimum:
+        raise click.BadParameter(
+            f"the {scenario} scenario needs at least {minimum} devices, "
+            f"not {count}",
+            param_hint="--devices",
+        )
     # Refuse a scenario it cannot run before saying anything else.
     fleet_module.plan(scenario, count, seed, software_keys, lifetime)
     if (out / "run").exists():

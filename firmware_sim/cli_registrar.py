@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 import click
+from click.core import ParameterSource
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -145,17 +146,30 @@ def registrar() -> None:
     show_default=True,
     callback=ca_name,
 )
-def init(directory: Path, name: str) -> None:
+@click.pass_context
+def init(ctx: click.Context, directory: Path, name: str) -> None:
     """Create the operational CA, registrar credential and registry.
 
-    Whatever exists already is kept, so running it again is harmless.
+    Whatever exists already is kept, so running it again is harmless;
+    a --name other than that of the CA kept is refused.
     """
-    _check_kept_files(Layout(directory))
+    layout = Layout(directory)
+    _check_kept_files(layout)
+    kept = _kept_ca(layout)
+    if kept is not None:
+        _check_kept_name(ctx, name, kept)
+
     try:
-        layout = prepare(directory, ca_name=name)
+        prepare(directory, ca_name=name)
     except OSError as exc:
         where = exc.filename or directory
         raise SimError(f"{where}: {exc.strerror or exc}") from None
+
+    if kept is not None:
+        click.echo(
+            f"operational CA {kept.name!r} exists in {layout.ca_dir} and "
+            "is kept"
+        )
     click.echo(f"operational trust anchor: {layout.root_path}")
     click.echo(f"registrar credential: {layout.chain_path}")
     click.echo(f"registry: {layout.registry_path}")
@@ -455,6 +469,7 @@ def put_out_of_service(
     if factory_dir is not None:
         factory = CertificateAuthority.load(factory_dir)
     with _registry(directory) as registry:
+        before = registry.get(device_id)
         revoked = revoke_device(
             registry,
             operational,
@@ -463,7 +478,8 @@ def put_out_of_service(
             status,
             idevid_serials=idevid_serials,
         )
-    click.echo(f"{device_id} {status}")
+    again = before is not None and before.status == status
+    click.echo(_status_change(device_id, status, before))
     for serial in revoked:
         click.echo(f"revoked serial {serial:x}")
 
@@ -471,12 +487,25 @@ def put_out_of_service(
         return
     next_update = datetime.timedelta(days=crl_days)
     write_crl(crl_out, combined_crl(factory, operational, next_update))
-    click.echo(f"wrote {crl_out}")
+    # Published again on purpose: the earlier run may have failed to
+    # write or signal, and a repeat is how an operator retries.
+    if again:
+        click.echo(f"wrote {crl_out} again, with every recorded revocation")
+    else:
+        click.echo(f"wrote {crl_out}")
     if broker_pid is None:
         click.echo("reload a running mosquitto: kill -HUP <its pid>")
         return
     signal_reload(broker_pid)
     click.echo(f"sent SIGHUP to {broker_pid}")
+
+
+def _status_change(device_id: str, status: str, before: Device | None) -> str:
+    """The line saying a device's new status, or since when it had it."""
+    if before is None or before.status != status:
+        return f"{device_id} {status}"
+    since = f"{before.changed_at:%Y-%m-%dT%H:%M:%SZ}"
+    return f"{device_id} is already {status} (since {since})"
 
 
 @registrar.command(name="list")
@@ -500,6 +529,28 @@ def _device_line(device: Device, issued: list[Issuance]) -> str:
     if issued:
         line += f"\tvalid_until={issued[-1].not_after:%Y-%m-%dT%H:%M:%SZ}"
     return line
+
+
+def _kept_ca(layout: Layout) -> CertificateAuthority | None:
+    """The operational CA an earlier init made, if there is one."""
+    if not layout.root_path.exists():
+        return None
+    return CertificateAuthority.load(layout.ca_dir)
+
+
+def _check_kept_name(
+    ctx: click.Context, name: str, kept: CertificateAuthority
+) -> None:
+    """Refuse a --name given for a directory whose CA has another name.
+
+    Left out, --name means whatever the kept CA is called.
+    """
+    given = ctx.get_parameter_source("name") != ParameterSource.DEFAULT
+    if given and name != kept.name:
+        raise SimError(
+            f"--name {shorten(name)}: {kept.directory} already holds the "
+            f"operational CA {kept.name!r}; nothing changed"
+        )
 
 
 def _check_kept_files(layout: Layout) -> None:

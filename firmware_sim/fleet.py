@@ -67,6 +67,9 @@ from tpm_simulator.ports import free_port
 logger = logging.getLogger(__name__)
 
 SCENARIOS = ("lifecycle", "storm", "outage", "clone")
+# The fewest devices each scenario runs with; the README and the fleet
+# command's help list the same numbers.
+MINIMUM_DEVICES = {"lifecycle": 5, "storm": 2, "outage": 2, "clone": 2}
 MONITOR = "monitor"
 HEARTBEATS = "devices/+/heartbeat"
 
@@ -147,7 +150,7 @@ def plan(
         raise FleetError(
             f"scenario {scenario!r} is not one of {', '.join(SCENARIOS)}"
         )
-    minimum = 5 if scenario == "lifecycle" else 2
+    minimum = MINIMUM_DEVICES[scenario]
     if count < minimum:
         raise FleetError(f"{scenario} needs at least {minimum} devices")
     # A seeded generator on purpose: the same seed replays the plan.

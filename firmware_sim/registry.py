@@ -24,6 +24,9 @@ STATUSES = (ACTIVE, REVOKED, DECOMMISSIONED)
 # Device ids become MQTT topic levels and, through the certificate CN,
 # broker usernames that ACL patterns expand: no "/", "+" or "#".
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DEVICE_ID_RULE = (
+    "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
 
 # Names the broker's ACL grants more than a device's own topics. A device
 # certificate carrying one of them would act with that service's rights.
@@ -103,14 +106,22 @@ def check_device_id(device_id: object) -> str:
     """The id unchanged if a device may carry it; RegistryError if not."""
     if type(device_id) is not str or not DEVICE_ID.fullmatch(device_id):
         raise RegistryError(
-            f"device id {device_id!r} must be 1 to 64 letters, digits, "
-            "'.', '_' or '-', starting with a letter or digit"
+            f"device id {device_id!r} must be {DEVICE_ID_RULE}"
         )
     if device_id in SERVICE_NAMES:
         raise RegistryError(
             f"device id {device_id!r} is reserved for a broker service"
         )
     return device_id
+
+
+def device_id_problem(device_id: str) -> str | None:
+    """Why a device may not carry ``device_id``; None if it may."""
+    if not DEVICE_ID.fullmatch(device_id):
+        return f"a device id is {DEVICE_ID_RULE}"
+    if device_id in SERVICE_NAMES:
+        return "it is reserved for a broker service"
+    return None
 
 
 class Registry(Database):

@@ -53,7 +53,8 @@ def revoke_device(
     then every certificate the registry says was issued to the device
     is recorded as revoked in ``operational_ca``. ``idevid_serials``
     go to ``factory_ca`` only when ``status`` is decommissioned. Running
-    it again revokes what a crash in between left out.
+    it again revokes what a crash in between left out, and keeps the
+    time the status changed.
 
     :raises RevocationError: for an unknown status, IDevID serials
         that would be ignored, or a decommissioned device asked to be
@@ -75,7 +76,8 @@ def revoke_device(
             "it would weaken that"
         )
 
-    registry.set_status(device_id, status)
+    if current is None or current.status != status:
+        registry.set_status(device_id, status)
     # The registry records no issuance for a device out of service, so
     # this list cannot miss one that a registrar signed meanwhile.
     issued = [i.cert_serial for i in registry.issuances(device_id)]
@@ -194,10 +196,12 @@ class CrlState:
 
 
 def crl_states(data: bytes) -> list[CrlState]:
-    """Every CRL in a PEM crlfile, in file order."""
+    """Every CRL in a PEM crlfile, in file order, or the one of a DER file.
+
+    Data that is neither holds no CRL: the list is empty.
+    """
     states = []
-    for block in data.split(_CRL_END)[:-1]:
-        crl = x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END)
+    for crl in _load_crls(data):
         next_update = crl.next_update_utc
         if next_update is None:
             raise RevocationError(f"CRL of {crl.issuer} has no nextUpdate")
@@ -205,6 +209,18 @@ def crl_states(data: bytes) -> list[CrlState]:
             CrlState(crl.issuer.rfc4514_string(), next_update, len(crl))
         )
     return states
+
+
+def _load_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    if _CRL_END in data:
+        return [
+            x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END)
+            for block in data.split(_CRL_END)[:-1]
+        ]
+    try:
+        return [x509.load_der_x509_crl(data)]
+    except ValueError:
+        return []
 
 
 def check_crl_file(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import threading
 import time
 
 import pytest
-from test_renewal import active, bring_up
+from device_cli import Device, wait_for
+from test_renewal import active, bring_up, generations
 
 from device_agent import config
 from device_agent.agent import LAST_GOOD_FILE, Agent
@@ -156,3 +161,123 @@ def test_a_failing_tick_is_reported_and_the_agent_goes_on(
     agent._guarded_tick()
     assert agent.tick_failures == 0
     assert agent.state == "connected"
+
+
+# -- start-up and stop, with the real agent process ---------------------
+
+
+def written_status(device: Device) -> dict:
+    try:
+        return json.loads((device.state / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.fixture
+def silent_broker():
+    """A TCP port that accepts connections and never says a word."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for conn in accepted:
+        conn.close()
+
+
+def stop_within(process, seconds: float) -> float:
+    """SIGTERM the agent; return how long it took to exit cleanly."""
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, out
+    assert "Traceback" not in out
+    took = time.monotonic() - started
+    assert took < seconds, out
+    return took
+
+
+def test_run_replaces_the_last_runs_status_before_it_connects(
+    tmp_path, factory_ca, silent_broker
+):
+    device = Device(tmp_path, None)
+    device.init(silent_broker, factory_ca.root_path)
+    device.enroll(factory_ca)
+    device.configure(connect_timeout=20)
+    old = {"pid": 1, "state": "stopped", "last_result": "from the old run"}
+    (device.state / "status.json").write_text(json.dumps(old))
+
+    agent = device.start()
+    try:
+        report = wait_for(
+            lambda: (
+                written_status(device).get("pid") == agent.pid
+                and written_status(device)
+            ),
+            10,
+            "the new run's status",
+        )
+        assert report["state"] in ("starting", "connecting")
+        assert report["last_result"] != "from the old run"
+        shown = device.run("status", check=False).out
+        assert "(running)" in shown and "stopped (running)" not in shown
+    finally:
+        stop_within(agent, 10)
+
+
+def test_sigterm_while_connecting_is_a_stop_not_a_failure(
+    tmp_path, factory_ca, silent_broker
+):
+    device = Device(tmp_path, None)
+    device.init(silent_broker, factory_ca.root_path)
+    device.enroll(factory_ca)
+    device.configure(connect_timeout=20)
+
+    agent = device.start()
+    wait_for(
+        lambda: written_status(device).get("state") == "connecting",
+        10,
+        "the agent to connect",
+    )
+    time.sleep(1.0)
+    stop_within(agent, 5)
+
+    report = written_status(device)
+    assert report["state"] == "stopped"
+    assert report["last_result"] == (
+        f"stopped while waiting for the broker at 127.0.0.1:{silent_broker}"
+    )
+    assert report["failures_in_row"] == 0
+
+
+def test_sigterm_while_awaiting_the_registrar_is_a_stop_not_a_failure(
+    tmp_path, registrar_world
+):
+    registrar_world.registrar.stop()  # the request goes unanswered
+    device = bring_up(tmp_path, registrar_world, None, enroll_timeout=30)
+
+    agent = device.start()
+    wait_for(
+        lambda: written_status(device).get("state") == "connected",
+        15,
+        "the factory credential to connect",
+    )
+    time.sleep(1.5)  # key, CSR, request out: now waiting for the answer
+    stop_within(agent, 8)
+
+    report = written_status(device)
+    assert report["state"] == "stopped"
+    assert report["last_result"] == (
+        "stopped while waiting for the registrar's answer"
+    )
+    assert report["failures_in_row"] == 0
+    assert report["identity"] == "idevid"
+    assert generations(device) == []  # the abandoned key is gone

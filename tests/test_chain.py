@@ -83,10 +83,96 @@ def test_der_and_pkcs7(cas, key):
         assert accept(data, factory, key) == [leaf, inter]
 
 
-def test_missing_intermediate_is_unknown_ca(cas, key):
+def test_missing_intermediate_is_unknown_ca_naming_the_issuer(cas, key):
     factory, _ = cas
-    leaf, _ = issue(factory, key)
-    assert refusal(pem(leaf), factory, key) == "unknown-ca"
+    leaf, inter = issue(factory, key)
+    with pytest.raises(ChainError) as info:
+        accept(pem(leaf), factory, key)
+    assert info.value.reason == "unknown-ca"
+    issuer = inter.subject.rfc4514_string()
+    assert info.value.detail.startswith(
+        f"intermediate missing: no certificate for issuer {issuer}"
+    )
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    if size < 0x80:
+        return bytes([tag, size]) + body
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + body
+
+
+_ECDSA_SHA256 = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))
+_ECDSA_SHA1 = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d0401")))
+
+
+def sha1_leaf(ca, key):
+    """A leaf signed by ``ca``'s intermediate with ECDSA and SHA-1.
+
+    cryptography no longer signs with SHA-1, so the certificate is put
+    together by hand from a SHA-256 one.
+    """
+    leaf = issue(ca, key)[0]
+    tbs = leaf.tbs_certificate_bytes
+    header = 2 + (tbs[1] & 0x7F if tbs[1] & 0x80 else 0)
+    body = tbs[header:].replace(_ECDSA_SHA256, _ECDSA_SHA1, 1)
+    tbs = _der(0x30, body)
+    signature = ca._intermediate_key.sign(tbs, ec.ECDSA(hashes.SHA1()))
+    return x509.load_der_x509_certificate(
+        _der(0x30, tbs + _ECDSA_SHA1 + _der(0x03, b"\0" + signature))
+    )
+
+
+def test_a_sha1_signature_is_refused_by_name(cas, key):
+    factory, _ = cas
+    leaf = sha1_leaf(factory, key)
+    with pytest.raises(ChainError) as info:
+        accept(pem(leaf, factory.intermediate), factory, key)
+    assert info.value.reason == "weak-signature"
+    assert f"'{DEVICE}' is signed with sha1" in info.value.detail
+
+
+def leaf_with(ca, key, extension):
+    """A leaf from ``ca``'s intermediate with one more, critical, extension."""
+    template = issue(ca, key)[0]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(template.subject)
+        .issuer_name(template.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(template.not_valid_before_utc)
+        .not_valid_after(template.not_valid_after_utc)
+    )
+    for existing in template.extensions:
+        builder = builder.add_extension(existing.value, existing.critical)
+    builder = builder.add_extension(extension, critical=True)
+    return builder.sign(ca._intermediate_key, hashes.SHA256())
+
+
+@pytest.mark.parametrize(
+    ("extension", "named"),
+    [
+        (
+            x509.UnrecognizedExtension(
+                x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"
+            ),
+            "1.3.6.1.4.1.99999.1",
+        ),
+        (x509.InhibitAnyPolicy(1), "inhibitAnyPolicy (2.5.29.54)"),
+    ],
+)
+def test_an_unsupported_critical_extension_is_named_without_a_repr(
+    cas, key, extension, named
+):
+    factory, _ = cas
+    leaf = leaf_with(factory, key, extension)
+    with pytest.raises(ChainError) as info:
+        accept(pem(leaf, factory.intermediate), factory, key)
+    assert info.value.reason == "unsupported-extension"
+    assert info.value.detail.endswith(f"not supported: {named}")
+    assert "<" not in str(info.value) and "{" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -118,6 +204,10 @@ def test_refusals(cas, key, kwargs, reason):
 def test_other_ca_and_other_key(cas, key):
     factory, other = cas
     assert refusal(pem(*issue(other, key)), factory, key) == "unknown-ca"
+    with pytest.raises(ChainError) as info:
+        accept(pem(*issue(other, key)), factory, key)
+    assert "no certificate for issuer" in info.value.detail
+    assert other.root.subject.rfc4514_string() in info.value.detail
     not_ours = ec.generate_private_key(ec.SECP256R1())
     data = pem(*issue(factory, not_ours))
     assert refusal(data, factory, key) == "not-our-key"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from device_cli import Device, wait_for
 from sim_cli import assert_refused, invoke, tree
 from test_renewal import bring_up, one_line_error, stop
@@ -460,3 +461,389 @@ def test_csr_names_an_empty_key_file_in_one_plain_line(set_up, capsys):
     assert code != 0
     (line,) = err.strip().splitlines()
     assert str(key) in line and "http" not in line
+
+
+# -- third new-user pass: what a command may overwrite, expiry, SIGTERM --
+
+
+def _key_file(device: Device, lineage: str = "idevid") -> Path:
+    (key,) = (device.state / lineage / "generations").glob("*/key.*")
+    return key
+
+
+@pytest.mark.parametrize("target", ["key", "config", "other"])
+def test_csr_out_refuses_the_key_the_config_and_files_holding_no_csr(
+    set_up, capsys, target
+):
+    device = set_up
+    key = _key_file(device)
+    other = device.dir / "notes.txt"
+    other.write_text("not a CSR\n")
+    path = {
+        "key": device.state / "idevid" / "current" / key.name,
+        "config": device.config,
+        "other": other,
+    }[target]
+    before = device.snapshot()
+    config, notes = device.config.read_bytes(), other.read_bytes()
+    code, _, err = run_here(device, capsys, "csr", "--out", str(path))
+    assert code != 0
+    (line,) = err.strip().splitlines()
+    assert str(path) in line and "refusing" in line
+    assert device.snapshot() == before
+    assert (key.stat().st_mode & 0o777) == 0o600
+    assert device.config.read_bytes() == config
+    assert other.read_bytes() == notes
+
+
+def test_csr_out_replaces_an_earlier_csr_pem_or_der(set_up, capsys):
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    device = set_up
+    out = device.dir / "request.csr"
+    for _ in range(2):
+        code, _, err = run_here(device, capsys, "csr", "--out", str(out))
+        assert code == 0, err
+    request = x509.load_pem_x509_csr(out.read_bytes())
+    out.write_bytes(request.public_bytes(Encoding.DER))
+    code, _, err = run_here(device, capsys, "csr", "--out", str(out))
+    assert code == 0, err
+    assert out.read_bytes().startswith(b"-----BEGIN CERTIFICATE REQUEST")
+    assert not list(device.dir.glob(".*.tmp"))
+
+
+def test_a_key_file_replaced_by_a_csr_is_named_as_holding_no_key(
+    set_up, capsys
+):
+    device = set_up
+    key = _key_file(device)
+    code, out, _ = run_here(device, capsys, "csr")
+    key.write_text(out)
+    key.chmod(0o644)
+    code, _, err = run_here(device, capsys, "csr")
+    assert code != 0
+    assert err.strip() == f"error: {key}: key file holds no private key"
+
+
+def _expired_chain(device: Device, ca, seconds_ago: float = 60) -> bytes:
+    """A chain for the device's key whose leaf expired a while ago."""
+    import datetime
+
+    from firmware_sim.ca import chain_pem
+
+    now = datetime.datetime.now(datetime.UTC)
+    chain = ca.sign_csr(
+        device.csr(),
+        not_before=now - datetime.timedelta(days=1),
+        not_after=now - datetime.timedelta(seconds=seconds_ago),
+    )
+    return chain_pem(chain)
+
+
+def test_status_and_connect_refuse_an_expired_factory_certificate(
+    device, factory_ca
+):
+    chain_path = device.state / "idevid" / "current" / "chain.pem"
+    chain_path.write_bytes(_expired_chain(device, factory_ca))
+    leaf = x509.load_pem_x509_certificate(chain_path.read_bytes())
+    serial = f"{leaf.serial_number:x}"
+
+    report, result = status_json(device)
+    assert result.returncode == 6
+    (problem,) = problems(report)
+    assert problem.startswith(f"factory: certificate {serial} expired at")
+    assert leaf.not_valid_after_utc.isoformat() in problem
+    assert f"PROBLEM:         factory: certificate {serial}" in (
+        device.run("status", check=False).out
+    )
+
+    result = device.run("connect", check=False)
+    line = one_line_error(result)
+    expiry = f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z"
+    assert line == (
+        f"error: certificate of the factory identity expired at {expiry}"
+    )
+    assert "connected" not in result.out
+
+
+def test_connect_passes_over_an_expired_operational_credential(
+    device, factory_ca, caplog
+):
+    from device_agent import credential
+
+    chain_path = _operational_copy(device)
+    chain_path.write_bytes(_expired_chain(device, factory_ca))
+    settings = load(device.config, {})
+    assert credential.best_credential(settings)[0] == credential.FACTORY
+    assert "certificate of the operational identity expired" in caplog.text
+    report, result = status_json(device)
+    assert result.returncode == 0, result.err
+    (warning,) = problems(report, "warning")
+    assert warning.startswith("operational: certificate")
+    assert "falls back to the factory identity" in warning
+
+
+def _tpm_device(tmp_path, swtpm, broker_factory, factory_ca) -> Device:
+    broker = broker_factory()
+    made = Device(tmp_path, swtpm.tcti)
+    made.init(broker.port, factory_ca.root_path)
+    made.enroll(factory_ca)
+    return made
+
+
+def test_sigterm_ends_connect_with_its_tpm_key_flushed(
+    tmp_path, swtpm, broker_factory, factory_ca
+):
+    device = _tpm_device(tmp_path, swtpm, broker_factory, factory_ca)
+    for _ in range(3):  # two leftovers used to fill swtpm's slots
+        connect = subprocess.Popen(
+            [sys.executable, "-m", "device_agent", "--config",
+             str(device.config), "connect", "--subscribe", "t/x",
+             "--timeout", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert connect.stdout.readline().startswith("connected")
+            assert connect.stdout.readline().startswith("subscribed")
+            connect.send_signal(signal.SIGTERM)
+            _, err = connect.communicate(timeout=30)
+        finally:
+            connect.kill()
+        assert connect.returncode == 143
+        assert err.strip() == "error: terminated"
+        assert swtpm.transient_handles() == []
+    info = json.loads(device.run("tpm", "info", "--json").out)
+    assert info["transient_handles"] == 0
+
+
+def test_a_full_tpm_names_the_leftover_objects_and_the_flush(tmp_path, swtpm):
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.tsskey import TSSPrivKey
+
+    from device_agent.errors import TPMError
+    from device_agent.keys.tpm import TPMKeyStore
+
+    private = tmp_path / "keys"
+    private.mkdir(mode=0o700)
+    store = TPMKeyStore(swtpm.tcti)
+    store.generate(private / "key.tss2.pem")
+    blob = TSSPrivKey.from_pem((private / "key.tss2.pem").read_bytes())
+    ectx = ESAPI(swtpm.tcti)
+    for _ in range(2):
+        blob.load(ectx)  # left loaded, as by a killed process
+    ectx.close()
+    with (
+        pytest.raises(TPMError) as refused,
+        store.signer(private / "key.tss2.pem"),
+    ):
+        pass
+    assert refused.value.rc is not None
+    assert refused.value.rc & 0xFFF == 0x902
+    assert "objects are left loaded in the TPM" in str(refused.value)
+    assert "tpm-simulator flush --state-dir" in str(refused.value)
+
+
+def test_keygen_operational_is_refused_while_the_agent_runs(set_up, capsys):
+    device = set_up
+    from device_agent.agent import AGENT_LOCK, PID_FILE
+    from device_agent.store import CredentialStore
+
+    _operational_copy(device)
+    (device.state / PID_FILE).write_text(f"{os.getpid()}\n")
+    before = device.snapshot()
+    store = CredentialStore(device.state, "idevid")
+    with store.lock(timeout=0, name=AGENT_LOCK):
+        code, _, err = run_here(
+            device, capsys, "keygen", "--force", "--identity", "operational"
+        )
+    assert code != 0
+    (line,) = err.strip().splitlines()
+    assert f"stop the running agent (pid {os.getpid()}) first" in line
+    assert device.snapshot() == before
+
+
+def test_keygen_help_says_a_renewal_replaces_an_uninstalled_key(
+    set_up, capsys
+):
+    code, out, _ = run_here(set_up, capsys, "keygen", "--help")
+    assert code == 0
+    assert "replaced by the agent's next renewal" in " ".join(out.split())
+
+
+def _as_nobody(device: Device, *args: str):
+    return subprocess.run(
+        ["runuser", "-u", "nobody", "--", sys.executable, "-m",
+         "device_agent", "--config", str(device.config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for runuser")
+def test_a_user_who_cannot_read_state_dir_is_told_so(_set_up_once):
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="nobody-"))
+    try:
+        where.chmod(0o755)
+        device = Device(where, None)
+        shutil.copytree(_set_up_once.dir, device.dir, symlinks=True)
+        device.dir.chmod(0o755)
+        ca_file = device.dir / "root.pem"
+        shutil.copy(_set_up_once.dir.parent / "ca" / "root.pem", ca_file)
+        ca_file.chmod(0o644)
+        lines = [
+            f'ca_file = "{ca_file}"' if line.startswith("ca_file") else line
+            for line in _set_up_once.config.read_text().splitlines()
+        ]
+        device.config.write_text(
+            "\n".join(lines).replace(str(_set_up_once.dir), str(device.dir))
+            + "\n"
+        )
+        device.config.chmod(0o644)
+        chain = device.dir / "chain.pem"
+        chain.chmod(0o644)
+        before = device.snapshot()
+        expected = (
+            f"error: cannot read state_dir {device.state} as user nobody "
+            "(Permission denied)"
+        )
+        for verb in (
+            ["status"],
+            ["status", "--json"],
+            ["csr"],
+            ["connect"],
+            ["keygen", "--force"],
+            ["install-chain", str(chain)],
+            ["reset", "--yes"],
+        ):
+            result = _as_nobody(device, *verb)
+            assert result.returncode != 0, verb
+            assert result.stderr.strip() == expected, verb
+            assert "factory" not in result.stdout, verb
+        assert device.snapshot() == before
+
+        # A state_dir behind a directory this user may not enter.
+        locked = where / "locked"
+        locked.mkdir(mode=0o700)
+        hidden = locked / "state"
+        device.state.rename(hidden)
+        text = device.config.read_text()
+        assert str(device.state) in text
+        device.config.write_text(text.replace(str(device.state), str(hidden)))
+        result = _as_nobody(device, "status")
+        assert result.returncode != 0
+        assert result.stderr.strip() == (
+            f"error: cannot reach state_dir {hidden} (Permission denied)"
+        )
+    finally:
+        shutil.rmtree(where)
+
+
+@pytest.fixture
+def two_generations(device, factory_ca) -> Device:
+    """A device whose factory key was replaced once: generations 1, 2."""
+    device.run("keygen", "--force")
+    path = device.dir / "chain2.pem"
+    from firmware_sim.ca import chain_pem
+
+    path.write_bytes(chain_pem(factory_ca.sign_csr(device.csr())))
+    device.run("install-chain", str(path))
+    assert os.readlink(device.state / "idevid" / "current").endswith("2")
+    return device
+
+
+def test_a_deleted_current_generation_is_named_and_left_alone(
+    two_generations,
+):
+    device = two_generations
+    shutil.rmtree(device.state / "idevid" / "generations" / "0002")
+    before = device.snapshot()
+    diagnosis = (
+        "factory: current pointer broken: it leads to generations/0002, "
+        "which is gone"
+    )
+    assert f"PROBLEM:         {diagnosis}" in (
+        device.run("status", check=False).out
+    )
+    for verb in (["connect"], ["keygen"], ["keygen", "--force"], ["csr"]):
+        line = one_line_error(device.run(*verb, check=False))
+        assert line == f"error: {diagnosis}", verb
+        assert device.snapshot() == before, verb
+
+
+def test_status_counts_one_problem_in_the_singular(set_up, capsys):
+    key = _key_file(set_up)
+    key.write_bytes(b"garbage, not a key\n")
+    code, _, err = run_here(set_up, capsys, "status")
+    assert code == 6
+    assert err.strip() == (
+        "error: 1 problem stands in the credential's way (see above)"
+    )
+
+
+@pytest.mark.parametrize("verb", ["csr", "install-chain"])
+def test_operational_verbs_without_a_key_name_the_identity_to_keygen(
+    set_up, capsys, verb
+):
+    device = set_up
+    args = [verb, "--identity", "operational"]
+    if verb == "install-chain":
+        args.insert(1, str(device.dir / "chain.pem"))
+    code, _, err = run_here(device, capsys, *args)
+    assert code != 0
+    assert err.strip() == (
+        "error: no key yet: run 'device-agent keygen --identity "
+        "operational' first"
+    )
+
+
+def test_connect_refuses_a_tls_range_with_no_version_in_it(set_up, capsys):
+    code, out, err = run_here(
+        set_up, capsys, "--set", "tls_min_version=1.3",
+        "connect", "--tls-max-version", "1.2",
+    )  # fmt: skip
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "tls_min_version" in line and "1.3" in line
+    assert "--tls-max-version 1.2" in line
+    assert "connected" not in out
+
+
+@pytest.mark.parametrize(
+    ("version", "said"),
+    [("5", "published to"), ("3.1.1", "sent to")],
+)
+def test_connect_publish_says_what_the_protocol_confirms(
+    device, broker_factory, version, said
+):
+    broker = broker_factory()
+    topic = f"devices/{device.id}/x"
+    result = device.run(
+        "--set", f"broker_port={broker.port}",
+        "--set", f"mqtt_version={version}",
+        "connect", "--publish", topic, "hello",
+    )  # fmt: skip
+    assert f"{said} {topic}" in result.out
+    assert ("do not report a refused publish" in result.out) == (
+        version == "3.1.1"
+    )
+
+
+def test_keygen_force_after_a_cut_short_commit_keeps_the_current_key(
+    set_up, capsys
+):
+    device = set_up
+    lineage = device.state / "idevid"
+    (lineage / "pending").symlink_to("generations/0001")
+    code, out, err = run_here(device, capsys, "keygen", "--force")
+    assert code == 0, err
+    assert "key 2 made" in out
+    assert os.readlink(lineage / "current") == "generations/0001"
+    assert os.readlink(lineage / "pending") == "generations/0002"
+    assert (lineage / "generations" / "0001" / "chain.pem").is_file()

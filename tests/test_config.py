@@ -1,10 +1,14 @@
 """Settings: file, environment and flags, and errors that name the field."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
+from device_cli import Device
 from hypothesis import given
 from hypothesis import strategies as st
+from test_renewal import one_line_error
 
 from device_agent import config
 from device_agent.errors import ConfigError
@@ -17,6 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_file_values_and_relative_paths(tmp_path):
+    (tmp_path / "ca.pem").write_text("a CA bundle\n")
     path = write(
         tmp_path,
         'device_id = "dev-1"\nstate_dir = "state"\nca_file = "ca.pem"\n'
@@ -109,3 +114,149 @@ def test_any_environment_gives_settings_or_config_error(env):
         config.build(base, config.from_environment(environ))
     except ConfigError as exc:
         assert exc.field
+
+
+BASE = 'device_id = "a"\nstate_dir = "/s"\n'
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("broker_port", "-5", "must be between 1 and 65535"),
+        ("broker_port", "+70000", "must be between 1 and 65535"),
+        ("keepalive", "\u0661\u0660\u0660", "must be a whole number"),
+        ("connect_timeout", "\u0661\u0660", "must be seconds"),
+        ("connect_timeout", "1_0", "must be seconds"),
+    ],
+)
+def test_numbers_as_text_take_ascii_digits_and_name_the_range(
+    tmp_path, field, value, problem
+):
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, BASE), {field: value}, environ={})
+    assert info.value.field == field
+    assert info.value.problem == problem
+
+
+def test_numbers_as_text_still_read(tmp_path):
+    settings = config.load(
+        write(tmp_path, BASE),
+        {"broker_port": " 8884 ", "connect_timeout": "2.5e1"},
+        environ={},
+    )
+    assert settings.broker_port == 8884
+    assert settings.connect_timeout == 25.0
+
+
+def test_a_state_dir_that_is_a_file_is_named_as_such(tmp_path):
+    not_a_dir = tmp_path / "passwd"
+    not_a_dir.write_text("root:x:0:0::/root:/bin/sh\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(
+            write(tmp_path, BASE), {"state_dir": str(not_a_dir)}, environ={}
+        )
+    assert info.value.field == "state_dir"
+    assert info.value.problem == f"{not_a_dir}: not a directory"
+
+
+@pytest.mark.parametrize("field", ["ca_file", "trust_anchor"])
+def test_ca_files_must_be_small_regular_files_checked_at_load(tmp_path, field):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.pem"
+    big.write_bytes(b"x" * (config.MAX_FILE_BYTES + 1))
+    cases = [
+        ("/dev/zero", "/dev/zero: not a regular file"),
+        (str(fifo), f"{fifo}: not a regular file"),
+        (str(tmp_path), f"{tmp_path}: is a directory"),
+        (str(tmp_path / "gone.pem"), f"{tmp_path / 'gone.pem'}: no such file"),
+        (str(big), "over the 1048576 allowed"),
+    ]
+    path = write(tmp_path, BASE)
+    for value, problem in cases:
+        started = time.monotonic()
+        with pytest.raises(ConfigError) as info:
+            config.load(path, {field: value}, environ={})
+        assert time.monotonic() - started < 1
+        assert info.value.field == field
+        assert info.value.problem.endswith(problem)
+
+
+def test_load_anchors_never_blocks_on_a_fifo(tmp_path):
+    from device_agent import chain
+    from device_agent.errors import ChainError
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ChainError, match="not a regular file"):
+        chain.load_anchors(fifo)
+
+
+def test_tls_refuses_a_ca_file_replaced_by_a_fifo(tmp_path):
+    from device_agent import tls
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        tls.client_context(fifo, tmp_path / "chain.pem", tmp_path / "k")
+
+
+HOOK = 'renewal_hook = "/usr/local/bin/reload"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "who"),
+    [
+        (BASE, 0o666, "everyone"),
+        (BASE, 0o602, "everyone"),
+        (BASE + HOOK, 0o664, "its group and sets renewal_hook"),
+    ],
+)
+def test_a_config_file_others_may_write_is_refused(tmp_path, text, mode, who):
+    path = write(tmp_path, text)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={})
+    assert info.value.field == str(path)
+    assert f"is writable by {who} (mode {mode:04o})" in info.value.problem
+    assert "chmod " in info.value.problem and str(path) in info.value.problem
+
+
+def test_a_group_writable_config_without_a_hook_is_accepted(tmp_path):
+    path = write(tmp_path, BASE)
+    path.chmod(0o664)
+    assert config.load(path, environ={}).device_id == "a"
+
+
+@pytest.fixture
+def device(tmp_path, factory_ca):
+    made = Device(tmp_path, None)
+    made.init(1, factory_ca.root_path)
+    made.enroll(factory_ca)
+    return made
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_install_chain_with_a_special_trust_anchor_is_one_line(
+    device, special
+):
+    if special == "fifo":
+        special = str(device.dir / "fifo")
+        os.mkfifo(special)
+    chain = device.dir / "chain.pem"
+    before = device.snapshot()
+    result = device.run(
+        "--set", f"trust_anchor={special}", "install-chain", str(chain),
+        check=False,
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert line.endswith(f"trust_anchor: {special}: not a regular file")
+    assert device.snapshot() == before
+
+
+def test_a_missing_trust_anchor_is_reported_by_any_command(device):
+    gone = device.dir / "gone.pem"
+    result = device.run("--set", f"trust_anchor={gone}", "status", check=False)
+    assert one_line_error(result).endswith(
+        f"trust_anchor: {gone}: no such file"
+    )

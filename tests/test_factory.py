@@ -209,3 +209,41 @@ def test_cli_factory_refuses_a_bad_prefix_before_writing(tmp_path):
         ])  # fmt: skip
         assert_refused(result, "--prefix")
         assert not (tmp_path / "line").exists()
+
+
+def test_cli_factory_names_the_prefix_and_the_ids_it_would_make(tmp_path):
+    from sim_cli import assert_refused, invoke
+
+    result = invoke(factory_args(tmp_path / "line", 1, "bad id!", "SN"))
+
+    assert_refused(
+        result,
+        "--prefix 'bad id!' makes device ids such as 'bad id!-0001', which "
+        "are not valid: a device id is 1 to 64 letters",
+    )
+    assert result.exit_code == 2
+    assert not (tmp_path / "line").exists()
+
+
+@pytest.mark.parametrize(
+    ("base", "count", "named"),
+    [
+        ("", 1, "--serial-base must not be empty"),
+        (" ", 1, "--serial-base ' ' makes serials such as ' -0001'"),
+        ("S N", 1, "--serial-base 'S N' makes serials such as 'S N-0001'"),
+        ("SN\u00e9", 1, "which are not valid: a serial is 1 to 64"),
+        # Fits for the first serial, not for the ten-thousandth.
+        ("S" * 59, 10000, "(65 characters), which are not valid"),
+    ],
+    ids=["empty", "blank", "space", "not ascii", "too long at the end"],
+)
+def test_cli_factory_refuses_a_bad_serial_base_before_writing(
+    tmp_path, base, count, named
+):
+    from sim_cli import assert_refused, invoke
+
+    result = invoke(factory_args(tmp_path / "line", count, "dev", base))
+
+    assert_refused(result, named)
+    assert result.exit_code == 2
+    assert not (tmp_path / "line").exists()

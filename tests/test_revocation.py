@@ -430,3 +430,71 @@ def test_cli_revoke_refuses_pseudo_files_and_keeps_a_decommission(
         assert_refused(invoke(command), "already decommissioned")
     with Registry(layout.registry_path) as registry:
         assert registry.get("dev-0001").status == DECOMMISSIONED
+
+
+@pytest.mark.parametrize("command", ["revoke", "decommission"])
+def test_cli_revoking_twice_says_since_when_and_publishes_again(
+    line_and_registrar, tmp_path, command
+):
+    """The status and its time stay; the CRL is written again, said so."""
+    from firmware_sim.registry import Registry
+
+    line, layout = line_and_registrar
+    crl_out = tmp_path / "crl.pem"
+    args = [command, *revoke_args(line, layout)[1:], "--crl-out", str(crl_out)]
+    first = invoke(args)
+    assert first.exit_code == 0, first.output
+    with Registry(layout.registry_path) as registry:
+        changed = registry.get("dev-0001").changed_at
+
+    again = invoke(args)
+
+    assert again.exit_code == 0, again.output
+    status = REVOKED if command == "revoke" else DECOMMISSIONED
+    since = f"{changed:%Y-%m-%dT%H:%M:%SZ}"
+    assert f"dev-0001 is already {status} (since {since})" in again.output
+    assert f"wrote {crl_out} again" in again.output
+    assert "revoked serial" not in again.output
+    with Registry(layout.registry_path) as registry:
+        device = registry.get("dev-0001")
+    assert (device.status, device.changed_at) == (status, changed)
+
+
+def test_registrar_revoke_twice_says_already(line_and_registrar):
+    _, layout = line_and_registrar
+    args = ["registrar", "revoke", "dev-0001", "--dir", str(layout.directory)]
+    assert invoke(args).exit_code == 0
+
+    again = invoke(args)
+
+    assert again.exit_code == 0, again.output
+    assert "dev-0001 is already revoked (since " in again.output
+
+
+def test_cli_crl_check_reads_a_der_crl(factory_ca, tmp_path):
+    import datetime
+
+    der = tmp_path / "crl.der"
+    pem = factory_ca.recorded_crl(datetime.timedelta(days=1))
+    crl = x509.load_pem_x509_crl(pem)
+    der.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+
+    result = invoke(["crl-check", str(der)])
+
+    assert result.exit_code == 0, result.output
+    assert f"{der}: every CRL is current" in result.output
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a CRL\n", b"\x30\x03\x02\x01\x01"]
+)
+def test_cli_crl_check_says_a_file_of_neither_form_holds_no_crl(
+    tmp_path, content
+):
+    from sim_cli import assert_refused
+
+    path = tmp_path / "crl"
+    path.write_bytes(content)
+
+    assert_refused(invoke(["crl-check", str(path)]), "holds no CRL")
+    assert path.read_bytes() == content

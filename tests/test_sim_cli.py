@@ -70,6 +70,35 @@ def test_registrar_init_refuses_a_directory_where_a_file_belongs(
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("again", [[], ["--name", "Device Operations"]])
+def test_registrar_init_again_says_what_it_keeps(tmp_path, again):
+    directory = str(tmp_path / "reg")
+    assert invoke(["registrar", "init", "--dir", directory]).exit_code == 0
+    before = tree(tmp_path)
+
+    result = invoke(["registrar", "init", "--dir", directory, *again])
+
+    assert result.exit_code == 0, result.output
+    assert "'Device Operations' exists" in result.output
+    assert "is kept" in result.output
+    assert tree(tmp_path) == before
+
+
+def test_registrar_init_again_refuses_another_name(tmp_path):
+    directory = str(tmp_path / "reg")
+    made = invoke(["registrar", "init", "--dir", directory, "--name", "Ops"])
+    assert made.exit_code == 0, made.output
+    before = tree(tmp_path)
+
+    result = invoke(
+        ["registrar", "init", "--dir", directory, "--name", "Other Ops"]
+    )
+
+    assert_refused(result, "--name 'Other Ops'")
+    assert "'Ops'" in result.output
+    assert tree(tmp_path) == before
+
+
 SERIAL_REFUSALS = {
     "empty": "",
     "blank": "  ",
@@ -300,3 +329,36 @@ def _alive(pid):
     except OSError:
         return False
     return text.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.parametrize("scenario", ["lifecycle", "storm", "outage", "clone"])
+def test_fleet_too_small_for_its_scenario_is_a_usage_error(tmp_path, scenario):
+    from firmware_sim.fleet import MINIMUM_DEVICES
+
+    minimum = MINIMUM_DEVICES[scenario]
+    out = tmp_path / "report"
+
+    result = invoke([
+        "fleet", "--devices", str(minimum - 1), "--scenario", scenario,
+        "--software-keys", "--out", str(out),
+    ])  # fmt: skip
+
+    assert_refused(result, f"needs at least {minimum} devices")
+    assert "--devices" in result.output
+    assert result.exit_code == 2
+    assert not out.exists()
+
+
+def test_fleet_minimums_are_those_the_readme_and_help_list():
+    from firmware_sim.cli_fleet import fleet
+    from firmware_sim.fleet import MINIMUM_DEVICES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    listed = readme.split("Scenarios (minimum devices):", 1)[1][:600]
+    help_text = next(p.help for p in fleet.params if p.name == "scenario")
+    for scenario, minimum in MINIMUM_DEVICES.items():
+        assert f"`{scenario}` ({minimum};" in listed
+        assert re.search(
+            rf"{scenario} \([^)]*at least {minimum}",
+            " ".join(help_text.split()),
+        ), (scenario, help_text)

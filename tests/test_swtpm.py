@@ -1,5 +1,6 @@
 """swtpm control: start, status across processes, flush, ports, CLI."""
 
+import json
 import signal
 import socket
 import subprocess
@@ -69,6 +70,39 @@ def test_status_and_stop_work_from_another_process(swtpm):
     status = _run_cli("status", "--state-dir", str(swtpm.state_dir))
     assert status.returncode == 3
     assert "running: False" in status.stdout
+
+
+@pytest.mark.parametrize("made", [True, False], ids=["empty", "missing"])
+def test_cli_status_of_a_state_dir_never_started_is_down(tmp_path, made):
+    """Down is exit 3, as for a stopped swtpm; nothing is created."""
+    state = tmp_path / "tpm"
+    if made:
+        state.mkdir()
+    before = sorted(tmp_path.rglob("*"))
+
+    result = _run_cli("status", "--state-dir", str(state))
+    as_json = _run_cli("status", "--state-dir", str(state), "--json")
+
+    assert result.returncode == 3, result.stderr
+    assert "running: False" in result.stdout
+    assert "answers: False" in result.stdout
+    assert result.stderr == ""
+    assert as_json.returncode == 3, as_json.stderr
+    facts = json.loads(as_json.stdout)
+    assert facts["running"] is False
+    assert facts["answers"] is False
+    assert facts["state_dir"] == str(state)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_status_refuses_a_state_dir_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+
+    result = _run_cli("status", "--state-dir", str(tmp_path / "file" / "tpm"))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, "file")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_starting_twice_is_refused(swtpm):

@@ -16,7 +16,13 @@ import click
 from device_agent.cli import edge
 from tpm_simulator.errors import SimulatorError
 from tpm_simulator.ports import free_port_pair
-from tpm_simulator.swtpm import HIGHEST_PORT, Swtpm, remembered_port
+from tpm_simulator.swtpm import (
+    HIGHEST_PORT,
+    LOG_FILE,
+    PORT_FILE,
+    Swtpm,
+    remembered_port,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +115,16 @@ def stop(state_dir: Path) -> None:
 @_STATE_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(state_dir: Path, as_json: bool) -> None:
-    """Show whether swtpm runs and answers; exit 3 if it does not."""
-    facts = Swtpm.from_state_dir(state_dir).status()
+    """Show whether swtpm runs and answers; exit 3 if it does not.
+
+    A state dir where swtpm never ran, or that does not exist yet, is
+    down like one whose swtpm stopped.
+    """
+    port = remembered_port(state_dir)
+    if port is None:
+        facts = _never_started(state_dir)
+    else:
+        facts = Swtpm(state_dir, port).status()
 
     if as_json:
         click.echo(json.dumps(facts, indent=2))
@@ -130,6 +144,32 @@ def flush(state_dir: Path) -> None:
     if not tpm.running:
         raise SimulatorError(f"no swtpm runs for {tpm.state_dir}")
     click.echo(f"flushed {tpm.flush()}")
+
+
+def _never_started(state_dir: Path) -> dict[str, Any]:
+    """The status of a state dir that holds no port file.
+
+    A state dir that cannot hold one, such as a path under a file or in
+    a directory we may not read, is refused instead of reported down.
+    """
+    try:
+        os.lstat(state_dir / PORT_FILE)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SimulatorError(f"{state_dir}: {exc.strerror or exc}") from None
+
+    state_dir = state_dir.absolute()
+    return {
+        "state_dir": str(state_dir),
+        "port": None,
+        "ctrl_port": None,
+        "tcti": None,
+        "pid": None,
+        "running": False,
+        "answers": False,
+        "log": str(state_dir / LOG_FILE),
+    }
 
 
 def _remembered_port(state_dir: Path) -> int:

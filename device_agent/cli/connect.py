@@ -9,9 +9,11 @@ import time
 import click
 
 from device_agent import credential
+from device_agent.cli.edge import terminate_as_interrupt
 from device_agent.cli.main import App, pass_app
 from device_agent.cli.params import FiniteFloat
-from device_agent.errors import SessionError
+from device_agent.config import Settings
+from device_agent.errors import ConfigError, SessionError
 from device_agent.session import Message, check_topic
 
 
@@ -60,7 +62,9 @@ def connect(
         check_topic(topic, wildcards=True)
     if publish is not None:
         check_topic(publish[0], wildcards=False)
+    terminate_as_interrupt()
     settings = app.settings()
+    _check_tls_range(settings, tls_max_version)
     lineage, generation = credential.best_credential(settings)
     session = credential.open_session(
         settings, generation, lineage, max_tls_version=tls_max_version
@@ -82,11 +86,37 @@ def connect(
             click.echo(f"subscribed to {topic}")
         if publish is not None:
             session.publish(publish[0], os.fsencode(publish[1]))
-            click.echo(f"published to {publish[0]}")
+            click.echo(_published(settings, publish[0]))
         if topic is not None:
             _receive(session.messages, count, timeout)
     finally:
         session.close()
+
+
+def _check_tls_range(settings: Settings, tls_max_version: str | None) -> None:
+    """Refuse a TLS range with no version in it before connecting."""
+    if tls_max_version is None:
+        return
+    if float(tls_max_version) < float(settings.tls_min_version):
+        raise ConfigError(
+            "tls_min_version",
+            f"{settings.tls_min_version} is above --tls-max-version "
+            f"{tls_max_version}: no TLS version is left to offer",
+        )
+
+
+def _published(settings: Settings, topic: str) -> str:
+    """What a publish the broker took is called, by protocol.
+
+    An MQTT 3.1.1 broker acknowledges a publish it refuses just like one
+    it accepts, so there the acknowledgement proves only delivery.
+    """
+    if settings.mqtt_version == "3.1.1":
+        return (
+            f"sent to {topic} (MQTT 3.1.1 brokers do not report a refused "
+            "publish)"
+        )
+    return f"published to {topic}"
 
 
 def _receive(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any, NoReturn
 
 import click
@@ -13,7 +15,30 @@ from device_agent.errors import AgentError
 
 INTERNAL_ERROR_EXIT = 70
 INTERRUPTED_EXIT = 130
+TERMINATED_EXIT = 128 + signal.SIGTERM
 OS_ERROR_EXIT = 74
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived.
+
+    Raised like KeyboardInterrupt, and like it no ``Exception``, so that
+    every ``finally`` runs and a key loaded in the TPM is flushed.
+    """
+
+
+def terminate_as_interrupt() -> None:
+    """Unwind on SIGTERM, as on Ctrl-C, instead of dying on the spot.
+
+    A command that loads a key into a TPM without a resource manager
+    must flush it; a process killed outright leaves it loaded, and a
+    few such leftovers fill the TPM's object slots.
+    """
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
 def run(
@@ -48,6 +73,8 @@ def run(
         _fail(f"{where}{exc.strerror or exc}", OS_ERROR_EXIT)
     except (KeyboardInterrupt, click.Abort):
         _fail("interrupted", INTERRUPTED_EXIT)
+    except Terminated:
+        _fail("terminated", TERMINATED_EXIT)
     except Exception as exc:
         if debug:
             raise

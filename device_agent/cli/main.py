@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import click
 
-from device_agent import config
+from device_agent import config, store
 from device_agent.cli import edge
 from device_agent.errors import ConfigError, StoreError
 
@@ -35,11 +36,8 @@ class App:
         """
         if self._settings is None:
             self._settings = self.load_settings()
-        state_dir = self._settings.state_dir
-        if need_state and not state_dir.is_dir():
-            raise StoreError(
-                f"state_dir {state_dir} does not exist (run init first)"
-            )
+        if need_state:
+            _check_state_dir(self._settings.state_dir)
         return self._settings
 
     def load_settings(self) -> config.Settings:
@@ -48,6 +46,22 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    try:
+        mode = state_dir.stat().st_mode
+    except FileNotFoundError:
+        raise StoreError(
+            f"state_dir {state_dir} does not exist (run init first)"
+        ) from None
+    except OSError as exc:
+        raise StoreError(
+            f"cannot reach state_dir {state_dir} ({exc.strerror})"
+        ) from None
+    if not stat.S_ISDIR(mode):
+        raise StoreError(f"state_dir {state_dir}: not a directory")
+    store.check_access(state_dir)
 
 
 def _parse_overrides(values: Sequence[str]) -> dict[str, str]:

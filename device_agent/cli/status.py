@@ -27,11 +27,12 @@ def status(app: App, as_json: bool) -> None:
     if errors:
         # Everything was shown; the exit code tells a script or a
         # monitor that the credential cannot work as it is.
-        plural = "" if len(errors) == 1 else "s"
-        raise StoreError(
-            f"{len(errors)} problem{plural} stand in the credential's way "
-            "(see above)"
+        count = (
+            "1 problem stands"
+            if len(errors) == 1
+            else f"{len(errors)} problems stand"
         )
+        raise StoreError(f"{count} in the credential's way (see above)")
 
 
 def _lines(report: dict[str, Any]) -> list[str]:

@@ -52,7 +52,9 @@ class MqttEnroller:
         logger.info("enrollment request %s sent", request_id)
 
         left = max(timeout - (time.monotonic() - started), 0.0)
-        if not self._answered.wait(left):
+        with self.session.stop.waiting("the registrar's answer"):
+            answered = self._answered.wait(left)
+        if not answered:
             noise = f" (ignored: {self._ignored[-1]})" if self._ignored else ""
             raise EnrollError(
                 "timeout",

@@ -75,6 +75,10 @@ def check_private_file(path: Path) -> None:
         raise KeyStoreError(f"{path}: key file is missing") from None
     if not stat.S_ISREG(info.st_mode):
         raise KeyStoreError(f"{path}: key is not a regular file")
+    if info.st_mode & 0o077 and not _holds_private_key(path):
+        # Then the key is gone, replaced by some other file: a mode
+        # change would not bring it back.
+        raise KeyStoreError(f"{path}: key file holds no private key")
     if info.st_mode & 0o077:
         raise KeyStoreError(
             f"{path}: key file is readable by group or others "
@@ -83,6 +87,16 @@ def check_private_file(path: Path) -> None:
         )
     if info.st_uid != os.geteuid():
         raise KeyStoreError(f"{path}: key file belongs to another user")
+
+
+def _holds_private_key(path: Path) -> bool:
+    """Whether the file's PEM armour names a private key of any kind."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(4096)
+    except OSError:
+        return True  # the caller reports what it can see: the mode
+    return b"PRIVATE KEY-----" in head
 
 
 def write_private_file(path: Path, data: bytes) -> None:

@@ -26,6 +26,12 @@ _PT_VENDOR_STRINGS = (0x106, 0x107, 0x108, 0x109)
 _PT_FIRMWARE_VERSION_1 = 0x10B
 _PT_FIRMWARE_VERSION_2 = 0x10C
 _HR_TRANSIENT = 0x80000000
+_RC_OBJECT_MEMORY = 0x902
+_OBJECT_MEMORY_HINT = (
+    "; objects are left loaded in the TPM: /dev/tpmrm0 frees them when "
+    "their process ends, but with a TPM without resource manager (swtpm "
+    "in bring-up) run 'tpm-simulator flush --state-dir <its state dir>'"
+)
 _EK_CERT_INDICES = {"rsa": 0x01C00002, "ecc": 0x01C0000A}
 
 
@@ -190,4 +196,6 @@ def _tss_errors(doing: str) -> Iterator[None]:
     try:
         yield
     except TSS2_Exception as exc:
-        raise TPMError(f"TPM error while {doing}: {exc}", int(exc.rc)) from exc
+        rc = int(exc.rc)
+        hint = _OBJECT_MEMORY_HINT if rc & 0xFFF == _RC_OBJECT_MEMORY else ""
+        raise TPMError(f"TPM error while {doing}: {exc}{hint}", rc) from exc
