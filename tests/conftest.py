@@ -115,6 +115,17 @@ class Identity:
 
 
 @pytest.fixture
+def software_device(tmp_path: Path, factory_ca: CertificateAuthority) -> Any:
+    """A software-key device with its factory identity installed."""
+    from device_cli import Device
+
+    made = Device(tmp_path, None)
+    made.init(1, factory_ca.root_path)
+    made.enroll(factory_ca)
+    return made
+
+
+@pytest.fixture
 def make_identity(
     tmp_path: Path, factory_ca: CertificateAuthority
 ) -> Callable[..., Identity]:

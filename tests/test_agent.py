@@ -205,13 +205,20 @@ def stop_within(process, seconds: float) -> float:
     return took
 
 
-def test_run_replaces_the_last_runs_status_before_it_connects(
-    tmp_path, factory_ca, silent_broker
-):
+@pytest.fixture
+def silent_device(tmp_path, factory_ca, silent_broker):
+    """A device whose broker accepts TCP and never answers."""
     device = Device(tmp_path, None)
     device.init(silent_broker, factory_ca.root_path)
     device.enroll(factory_ca)
     device.configure(connect_timeout=20)
+    return device
+
+
+def test_run_replaces_the_last_runs_status_before_it_connects(
+    silent_device,
+):
+    device = silent_device
     old = {"pid": 1, "state": "stopped", "last_result": "from the old run"}
     (device.state / "status.json").write_text(json.dumps(old))
 
@@ -234,12 +241,9 @@ def test_run_replaces_the_last_runs_status_before_it_connects(
 
 
 def test_sigterm_while_connecting_is_a_stop_not_a_failure(
-    tmp_path, factory_ca, silent_broker
+    silent_device, silent_broker
 ):
-    device = Device(tmp_path, None)
-    device.init(silent_broker, factory_ca.root_path)
-    device.enroll(factory_ca)
-    device.configure(connect_timeout=20)
+    device = silent_device
 
     agent = device.start()
     wait_for(

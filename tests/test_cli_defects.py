@@ -83,12 +83,8 @@ def test_renew_now_without_a_session_in_needs_service_answers_at_once(
 
 
 @pytest.fixture
-def device(tmp_path, factory_ca):
-    """A software-key device with its factory identity installed."""
-    made = Device(tmp_path, None)
-    made.init(1, factory_ca.root_path)
-    made.enroll(factory_ca)
-    return made
+def device(software_device):
+    return software_device
 
 
 def status_json(device: Device, *options: str) -> tuple[dict, object]:

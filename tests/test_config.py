@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import pytest
-from device_cli import Device
 from hypothesis import given
 from hypothesis import strategies as st
 from test_renewal import one_line_error
@@ -229,11 +228,8 @@ def test_a_group_writable_config_without_a_hook_is_accepted(tmp_path):
 
 
 @pytest.fixture
-def device(tmp_path, factory_ca):
-    made = Device(tmp_path, None)
-    made.init(1, factory_ca.root_path)
-    made.enroll(factory_ca)
-    return made
+def device(software_device):
+    return software_device
 
 
 @pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
