@@ -167,8 +167,10 @@ class RabbitMQ:
     def start(self, timeout: float = 90.0) -> None:
         """Start epmd and every node; return once all serve MQTT.
 
-        The nodes start side by side and form their cluster as they
-        boot, which takes RabbitMQ several seconds even for one node.
+        The first node boots alone; the others start once it serves, and
+        join it as they boot. Nodes started side by side may each find
+        no peer up yet and boot as clusters of their own, whose shared
+        virtual host then refuses every client.
         """
         if self._processes:
             raise BrokerError(f"RabbitMQ on port {self.port} already runs")
@@ -177,9 +179,14 @@ class RabbitMQ:
         self._install()
         try:
             self._epmd = self._spawn_epmd()
-            for node in self.nodes:
+            deadline = time.monotonic() + timeout
+            first, *others = self.nodes
+            self._processes[first.name] = self._spawn(first)
+            self._wait_ready([first], deadline)
+            for node in others:
                 self._processes[node.name] = self._spawn(node)
-            self._wait_ready(timeout)
+            self._wait_ready(others, deadline)
+            self._check_cluster()
         except BaseException:
             self.stop()
             raise
@@ -403,9 +410,8 @@ class RabbitMQ:
                 start_new_session=True,
             )
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        waiting = list(self.nodes)
+    def _wait_ready(self, nodes: Sequence[Node], deadline: float) -> None:
+        waiting = list(nodes)
         while waiting:
             for node in list(waiting):
                 process = self._processes[node.name]
@@ -420,10 +426,15 @@ class RabbitMQ:
                 ):
                     waiting.remove(node)
             if waiting and time.monotonic() > deadline:
-                raise self._start_failure(
-                    waiting[0], f"not ready after {timeout:g} s"
-                )
+                raise self._start_failure(waiting[0], "not ready in time")
             time.sleep(_POLL_INTERVAL)
+
+    def _check_cluster(self) -> None:
+        expected = {node.full_name for node in self.nodes}
+        running = set(self.cluster_nodes())
+        if not expected <= running:
+            missing = ", ".join(sorted(expected - running))
+            raise BrokerError(f"RabbitMQ nodes {missing} did not join")
 
     def _wait_for_users(self, names: Sequence[str]) -> None:
         # rabbitmqctl import_definitions returns before the import is
