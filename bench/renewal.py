@@ -11,8 +11,12 @@ it); then the switch: the old session closes, a heartbeat over the new
 one proves it, and the old generation is retired. The renewal logs each
 step it finishes, which a logging handler timestamps, together with the
 position in the swtpm log, so that both time and TPM commands split by
-step. The baseline, in the same run and interleaved round by round: the
-same transaction for a device whose keys are in software.
+step. The TPM device renews as the daemon does: its TPM operations run
+in a helper process, started anew for each renewal as after the weeks
+between two renewals. Interleaved round by round, in the same run: the
+same device with the TPM operations in this process (``renew --now``
+without a running daemon), and the baseline, a device whose keys are in
+software.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from collections.abc import Callable
 from bench import report
 from bench.tpmlog import TpmLog, summary
 from bench.world import Device, World, world
-from device_agent import config, credential
+from device_agent import config, credential, keys
 from device_agent.config import Settings
 from device_agent.credential import OPERATIONAL
 from device_agent.enroll.mqtt import MqttEnroller
+from device_agent.keys import tpmproc
 from device_agent.renewal import STEPS, renew
 from device_agent.session import Session
 from device_agent.store import CredentialStore, Generation
@@ -70,8 +75,11 @@ class StepClock(logging.Handler):
 class Renewer:
     """One device that renews again and again over its live session."""
 
-    def __init__(self, here: World, device: Device) -> None:
+    def __init__(
+        self, here: World, device: Device, helper: bool = False
+    ) -> None:
         self.device = device
+        self.helper = helper
         self.settings: Settings = config.load(device.config)
         lineage, generation = credential.best_credential(self.settings)
         self.session = credential.open_session(
@@ -85,6 +93,8 @@ class Renewer:
 
     def renew(self, clock: StepClock, record: bool) -> None:
         """One renewal and the switch, with the time and commands of each."""
+        keys.serve_tpm_from_child(self.helper)
+        tpmproc.close_all()
         clock.marks.clear()
         clock.mark("start")
         renewed = renew(
@@ -137,15 +147,19 @@ def measure(renewers: list[Renewer], clock: StepClock, runs: int) -> None:
             renewer.renew(clock, record=round_ >= WARMUP_RENEWALS)
 
 
-def build_table(tpm: Renewer, soft: Renewer, runs: int) -> report.Table:
+def build_table(
+    tpm: Renewer, inline: Renewer, soft: Renewer, runs: int
+) -> report.Table:
     table = report.Table(
-        f"renewal: TPM key vs software key, renew() in process, then the "
-        f"switch; {runs} runs each, interleaved",
+        f"renewal: TPM key (helper process, as the daemon) vs TPM key in "
+        f"process vs software key, then the switch; {runs} runs each, "
+        f"interleaved",
         [
             "step",
             "TPM median",
             "p90",
             "share",
+            "TPM in process",
             "software median",
             "TPM / sw",
             "TPM2_ commands (TPM key)",
@@ -157,6 +171,7 @@ def build_table(tpm: Renewer, soft: Renewer, runs: int) -> report.Table:
             LABELS[name],
             *_timing(tpm, soft, name),
             f"{sum(tpm.times[name]) / total:.0%}",
+            report.ms(report.median(inline.times[name])),
             report.ms(report.median(soft.times[name])),
             _ratio(tpm, soft, name),
             summary(tpm.commands[name]),
@@ -170,12 +185,14 @@ def build_table(tpm: Renewer, soft: Renewer, runs: int) -> report.Table:
             label,
             *_timing(tpm, soft, name),
             "",
+            report.ms(report.median(inline.times[name])),
             report.ms(report.median(soft.times[name])),
             _ratio(tpm, soft, name),
         )
     table.rule()
     table.add(
         "TPM commands for one renewal, start to retire",
+        "",
         "",
         "",
         "",
@@ -211,12 +228,18 @@ def _with_step_clock(log: TpmLog) -> tuple[StepClock, Callable[[], None]]:
     return clock, remove
 
 
-def _summarize(tpm: Renewer, soft: Renewer) -> None:
+def _summarize(tpm: Renewer, inline: Renewer, soft: Renewer) -> None:
     report.summarize(
-        "renewal, TPM key: new key to commit",
+        "renewal, TPM key (helper process): new key to commit",
         report.ms(report.median(tpm.times["transaction"])),
         f"software key {report.ms(report.median(soft.times['transaction']))}",
         f"TPM / software {_ratio(tpm, soft, 'transaction')}",
+    )
+    report.summarize(
+        "renewal, TPM key in process (renew --now): new key to commit",
+        report.ms(report.median(inline.times["transaction"])),
+        f"software key {report.ms(report.median(soft.times['transaction']))}",
+        f"TPM / software {_ratio(inline, soft, 'transaction')}",
     )
     report.summarize(
         "renewal, TPM key, with the session switch, end to end",
@@ -229,26 +252,40 @@ def _summarize(tpm: Renewer, soft: Renewer) -> None:
 def main() -> int:
     options = report.arguments("bench.renewal", __doc__ or "")
     report.quiet_logging()
-    with world(registered=("bench-tpm", "bench-sw")) as here:
+    names = ("bench-tpm", "bench-tpm-inline", "bench-sw")
+    with world(registered=names) as here:
         anchors = here.client_ca_file
-        tpm_device = here.device("bench-tpm", tpm=True, trust_anchor=anchors)
-        soft_device = here.device("bench-sw", tpm=False, trust_anchor=anchors)
+        tpm_device = here.device(names[0], tpm=True, trust_anchor=anchors)
+        inline_device = here.device(names[1], tpm=True, trust_anchor=anchors)
+        soft_device = here.device(names[2], tpm=False, trust_anchor=anchors)
         clock, remove = _with_step_clock(TpmLog(here.swtpm.log_path))
-        renewers = [Renewer(here, tpm_device), Renewer(here, soft_device)]
+        # swtpm has three object slots: two TPM devices with their live
+        # sessions, plus the key a renewal makes, would not fit, so the
+        # two ways with the TPM take turns, each against the software one.
+        tpm = Renewer(here, tpm_device, helper=True)
+        soft = Renewer(here, soft_device)
+        inline: Renewer | None = None
         try:
             # The first renewal enrolls the operational identity over the
             # factory one; the runs measured renew the operational one.
-            for renewer in renewers:
+            for renewer in (tpm, soft):
                 renewer.renew(clock, record=False)
-            measure(renewers, clock, options.runs)
+            measure([tpm, soft], clock, options.runs)
+            tpm.close()
+            inline = Renewer(here, inline_device)
+            inline.renew(clock, record=False)
+            measure([inline, soft], clock, options.runs)
         finally:
-            for renewer in renewers:
-                renewer.close()
+            for renewer in (tpm, soft, inline):
+                if renewer is not None:
+                    renewer.close()
+            tpmproc.close_all()
             remove()
         leftover = here.swtpm.transient_handles()
 
-    table = build_table(renewers[0], renewers[1], options.runs)
-    _summarize(renewers[0], renewers[1])
+    assert inline is not None
+    table = build_table(tpm, inline, soft, options.runs)
+    _summarize(tpm, inline, soft)
     if leftover:
         table.rule()
         table.add("!! objects left loaded in swtpm", str(len(leftover)))

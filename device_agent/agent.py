@@ -347,9 +347,7 @@ class Agent:
             return
         if not isinstance(exc, KeyStoreError) or isinstance(exc, TPMError):
             return
-        from device_agent.keys.tpm import TPMKeyStore
-
-        if TPMKeyStore(self.settings.tcti).answers():
+        if keys.tpm_store(self.settings.tcti).answers():
             raise RestartError(
                 f"TLS cannot use the TPM key although the TPM answers "
                 f"({exc}); restarting to reset the TPM provider"

@@ -296,10 +296,7 @@ def _explain_tpm_refusal(settings: Settings, key_path: Path) -> None:
     TPM key store names the TPM and its return code instead. If that
     load works, the caller's error stands.
     """
-    from device_agent.keys.tpm import TPMKeyStore
-
-    with TPMKeyStore(settings.tcti).signer(key_path):
-        pass
+    keys.tpm_store(settings.tcti).check_loads(key_path)
 
 
 ERROR = "error"
@@ -616,9 +613,7 @@ def _tpm_presence(
     holds_keys = "tpm" in kinds.values()
     if not holds_keys and (kinds or settings.key_store == "software"):
         return {"checked": False, "tcti": settings.tcti}
-    from device_agent.keys.tpm import TPMKeyStore
-
-    present = TPMKeyStore(settings.tcti).answers()
+    present = keys.tpm_store(settings.tcti).answers()
     if not present:
         problems.append(
             {

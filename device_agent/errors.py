@@ -34,10 +34,11 @@ class TPMError(KeyStoreError):
     """The TPM refused or could not be reached."""
 
     def __init__(self, message: str, rc: int | None = None) -> None:
+        self.detail = message
+        self.rc = rc
         if rc is not None:
             message = f"{message} (TPM rc 0x{rc:03x})"
         super().__init__(message)
-        self.rc = rc
 
 
 class CSRError(AgentError):

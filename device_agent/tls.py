@@ -87,9 +87,9 @@ def load_tpm_provider(tcti: str, modules_dir: Path | None = None) -> None:
         if not load(None, b"tpm2"):
             # The provider opens the TPM when it loads, so an absent TPM
             # looks like a missing provider; tell the two apart.
-            from device_agent.keys.tpm import TPMKeyStore
+            from device_agent import keys
 
-            if not TPMKeyStore(tcti).answers():
+            if not keys.tpm_store(tcti).answers():
                 raise TPMError(f"no TPM answers at {tcti}")
             raise TPMError(
                 "OpenSSL could not load the tpm2 provider "

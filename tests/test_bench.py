@@ -120,7 +120,8 @@ def test_the_daemon_at_rest_benchmark_runs():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("rest: "), result.stdout
-    assert "RSS, key made in process |" in result.stdout
+    assert "RSS, key made by the helper |" in result.stdout
+    assert "helper processes left at rest | 0 |" in result.stdout
     assert "RSS, restarted" in result.stdout
     assert "CPU |" in result.stdout
     assert "!! objects left loaded" not in result.stdout

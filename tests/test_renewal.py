@@ -6,6 +6,7 @@ import itertools
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -97,6 +98,11 @@ def test_daemon_renews_with_a_new_tpm_key_each_time_without_a_gap(
             10,
             "old generations retired",
         )
+        # The keys were made and used by a helper process: the daemon
+        # itself never loaded the TSS bindings.
+        maps = Path(f"/proc/{agent.pid}/maps").read_text()
+        assert "_libtpm2_pytss" not in maps
+        assert "libtss2-fapi" not in maps
     finally:
         out = stop(agent)
 

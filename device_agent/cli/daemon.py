@@ -24,10 +24,16 @@ def run(app: App) -> None:
 
     SIGTERM stops it, SIGHUP reloads the config, SIGUSR1 renews now.
     """
+    from device_agent import keys
     from device_agent.agent import Agent
+    from device_agent.keys import tpmproc
 
     app.settings()  # refuses a missing state_dir before anything runs
-    Agent(app.load_settings).run()
+    keys.serve_tpm_from_child()
+    try:
+        Agent(app.load_settings).run()
+    finally:
+        tpmproc.close_all()
 
 
 @click.command()

@@ -5,14 +5,21 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_agent.config import Settings
 from device_agent.errors import KeyStoreError
 
+if TYPE_CHECKING:
+    from device_agent.keys.tpm import TPMKeyStore
+    from device_agent.keys.tpmproc import ProcessTPMKeyStore
+
 logger = logging.getLogger(__name__)
+
+# Whether TPM operations of this process run in a child process.
+_tpm_in_child = False
 
 
 class KeyStore(Protocol):
@@ -52,12 +59,31 @@ def kind_of(path: Path) -> str:
     raise KeyStoreError(f"{path}: not a key file this agent wrote")
 
 
+def serve_tpm_from_child(enabled: bool = True) -> None:
+    """Make this process leave every TPM key operation to a child process.
+
+    For the daemon: it then never loads the TSS bindings, which cost
+    more memory than the rest of the agent and cannot be unloaded.
+    """
+    global _tpm_in_child  # noqa: PLW0603 (one switch per process)
+    _tpm_in_child = enabled
+
+
+def tpm_store(tcti: str) -> TPMKeyStore | ProcessTPMKeyStore:
+    """The TPM key store for ``tcti``, in this process or in a child."""
+    if _tpm_in_child:
+        from device_agent.keys.tpmproc import ProcessTPMKeyStore
+
+        return ProcessTPMKeyStore(tcti)
+    from device_agent.keys.tpm import TPMKeyStore
+
+    return TPMKeyStore(tcti)
+
+
 def for_kind(kind: str, settings: Settings) -> KeyStore:
     """The store that handles keys of ``kind``."""
     if kind == "tpm":
-        from device_agent.keys.tpm import TPMKeyStore
-
-        return TPMKeyStore(settings.tcti)
+        return tpm_store(settings.tcti)
     if kind == "software":
         from device_agent.keys.software import SoftwareKeyStore
 
@@ -80,9 +106,7 @@ def choose(settings: Settings) -> KeyStore:
     if settings.key_store != "auto":
         return for_kind(settings.key_store, settings)
 
-    from device_agent.keys.tpm import TPMKeyStore
-
-    tpm = TPMKeyStore(settings.tcti)
+    tpm = tpm_store(settings.tcti)
     if tpm.answers():
         return tpm
     logger.warning(

@@ -88,6 +88,11 @@ class TPMKeyStore:
             finally:
                 _flush(ectx, handle)
 
+    def check_loads(self, path: Path) -> None:
+        """Load the key into the TPM once, raising the TPM's own error."""
+        with self.signer(path):
+            pass
+
     def info(self) -> dict[str, Any]:
         """What the TPM says about itself, for ``tpm info`` and status."""
         with self._context() as ectx, _tss_errors("reading properties"):
