@@ -1,1 +1,1 @@
-"""placeholder"""
+"""device-agent: TPM-held device identity and mutual-TLS MQTT."""

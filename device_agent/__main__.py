@@ -1,5 +1,5 @@
 """Run the agent as ``python -m device_agent``."""
 
-from device_agent.cli.main import main
+from device_agent.cli import device_agent
 
-main()
+device_agent()

@@ -581,9 +581,9 @@ class Agent:
             return
         environment = dict(
             os.environ,
-            DEVICE_AGENT_SERIAL=f"{leaf.serial_number:x}",
-            DEVICE_AGENT_NOT_AFTER=leaf.not_valid_after_utc.isoformat(),
-            DEVICE_AGENT_DEVICE_ID=self.settings.device_id,
+            RENEWED_SERIAL=f"{leaf.serial_number:x}",
+            RENEWED_NOT_AFTER=leaf.not_valid_after_utc.isoformat(),
+            RENEWED_DEVICE_ID=self.settings.device_id,
         )
         try:
             result = subprocess.run(

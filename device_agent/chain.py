@@ -8,7 +8,8 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -100,7 +101,7 @@ def _read_pem(data: bytes) -> list[x509.Certificate]:
             if label in _CERT_LABELS:
                 certs.append(x509.load_pem_x509_certificate(block))
             elif label in _PKCS7_LABELS:
-                certs.extend(pkcs7.load_pem_pkcs7_certificates(block))
+                certs.extend(_pkcs7(pkcs7.load_pem_pkcs7_certificates, block))
             elif b"PRIVATE KEY" in label:
                 raise ChainError(
                     "unreadable",
@@ -125,12 +126,25 @@ def _read_der(data: bytes) -> list[x509.Certificate]:
     except ValueError:
         pass
     try:
-        return list(pkcs7.load_der_pkcs7_certificates(data))
+        return _pkcs7(pkcs7.load_der_pkcs7_certificates, data)
     except ValueError:
         pass
     raise ChainError(
         "unreadable", "neither PEM, DER certificate nor PKCS#7 certificates"
     )
+
+
+def _pkcs7(
+    load: Callable[[bytes], list[x509.Certificate]], data: bytes
+) -> list[x509.Certificate]:
+    """Certificates of a PKCS#7 bundle, also in BER as OpenSSL writes it.
+
+    cryptography reads BER after warning that it is not DER; the bundle
+    is fine, and a user of the CLI should not see a library's warning.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return list(load(data))
 
 
 def _first(exc: BaseException) -> str:

@@ -18,6 +18,8 @@ from device_agent.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/device-agent/agent.toml")
 CONFIG_ENV = "DEVICE_AGENT_CONFIG"
 ENV_PREFIX = "DEVICE_AGENT_"
+# Variables the test campaigns set to steer the agent, never settings.
+TEST_ENV_PREFIX = "DEVICE_AGENT_TEST_"
 
 KEY_STORES = ("tpm", "software", "auto")
 TLS_VERSIONS = ("1.2", "1.3")
@@ -306,12 +308,21 @@ def _check_paths(settings: Settings) -> None:
 
 
 def from_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """Pick DEVICE_AGENT_<FIELD> variables out of an environment."""
+    """Pick DEVICE_AGENT_<FIELD> variables out of an environment.
+
+    Any other variable of that prefix is refused, as an unknown key in
+    the file is: a misspelt override must not be ignored in silence.
+    """
+    names = {ENV_PREFIX + name.upper(): name for name in _CONVERTERS}
     values = {}
-    for name in _CONVERTERS:
-        key = ENV_PREFIX + name.upper()
-        if key in environ:
-            values[name] = environ[key]
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
+            continue
+        if key.startswith(TEST_ENV_PREFIX):
+            continue
+        if key not in names:
+            raise ConfigError(key, "unknown setting in the environment")
+        values[names[key]] = value
     return values
 
 

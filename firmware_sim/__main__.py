@@ -1,5 +1,5 @@
 """Run the simulator as ``python -m firmware_sim``."""
 
-from firmware_sim.cli import run
+from firmware_sim import main
 
-run()
+main()

@@ -1,6 +1,8 @@
 """Chain parsing, leaf selection, ordering and verification."""
 
 import datetime
+import subprocess
+import warnings
 
 import pytest
 from cryptography import x509
@@ -81,6 +83,23 @@ def test_der_and_pkcs7(cas, key):
     for encoding in (serialization.Encoding.DER, serialization.Encoding.PEM):
         data = pkcs7.serialize_certificates([inter, leaf], encoding)
         assert accept(data, factory, key) == [leaf, inter]
+
+
+def test_pkcs7_written_by_openssl_reads_without_a_warning(cas, key, tmp_path):
+    """``openssl crl2pkcs7`` writes BER, which cryptography warns about."""
+    factory, _ = cas
+    leaf, inter = issue(factory, key)
+    source = tmp_path / "chain.pem"
+    source.write_bytes(pem(leaf, inter))
+    for form in ("DER", "PEM"):
+        made = subprocess.run(
+            ["openssl", "crl2pkcs7", "-nocrl", "-certfile", str(source),
+             "-outform", form],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert accept(made.stdout, factory, key) == [leaf, inter]
 
 
 def test_missing_intermediate_is_unknown_ca_naming_the_issuer(cas, key):

@@ -258,3 +258,20 @@ def test_bad_topics_are_refused_before_connecting(capsys, config, argv):
     code, _, err = run(capsys, "--config", str(config), *argv)
     assert_one_line(code, err)
     assert "invalid topic" in err
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C that lands before the error edge exists ends in one line."""
+    import importlib
+
+    from device_agent import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        cli.device_agent()
+
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

@@ -43,6 +43,27 @@ def test_environment_then_overrides_win(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "name",
+    ["DEVICE_AGENT_HEARTBEAT_INTERVL", "DEVICE_AGENT_", "DEVICE_AGENT_X"],
+)
+def test_a_misspelt_environment_override_is_refused_by_name(tmp_path, name):
+    path = write(tmp_path, 'device_id = "a"\nstate_dir = "/s"\n')
+    with pytest.raises(ConfigError, match="unknown setting") as caught:
+        config.load(path, environ={name: "5"})
+    assert caught.value.field == name
+
+
+def test_the_config_and_test_variables_are_not_settings(tmp_path):
+    path = write(tmp_path, 'device_id = "a"\nstate_dir = "/s"\n')
+    env = {
+        "DEVICE_AGENT_CONFIG": str(path),
+        "DEVICE_AGENT_TEST_KILL_AT": "csr",
+        "DEVICE_AGENT_HEARTBEAT_INTERVAL": "5",
+    }
+    assert config.load(path, environ=env).heartbeat_interval == 5
+
+
+@pytest.mark.parametrize(
     ("text", "field"),
     [
         ('device_id = "a"\nstate_dir = "/s"\ncolour = 1\n', "colour"),

@@ -314,8 +314,10 @@ def test_daemon_tells_systemd_and_runs_the_hook(tmp_path, registrar_world):
     record = tmp_path / "hook.txt"
     hook = tmp_path / "hook.sh"
     hook.write_text(
-        f'#!/bin/sh\necho "$DEVICE_AGENT_SERIAL $DEVICE_AGENT_DEVICE_ID" '
-        f">> {record}\n"
+        # The hook's variables must not read as the agent's own settings
+        # to a device-agent command the hook runs.
+        f'#!/bin/sh\necho "$RENEWED_SERIAL $RENEWED_DEVICE_ID '
+        f'[$DEVICE_AGENT_SERIAL]" >> {record}\n'
     )
     hook.chmod(0o755)
     device = bring_up(tmp_path, world, None, renewal_hook=str(hook))
@@ -337,7 +339,8 @@ def test_daemon_tells_systemd_and_runs_the_hook(tmp_path, registrar_world):
     finally:
         stop(agent)
         listener.close()
-    serial, device_id = record.read_text().split()
+    serial, device_id, clash = record.read_text().split()
+    assert clash == "[]"
     issued = world.registry.issuances(world.device_id)
     assert serial == f"{issued[-1].cert_serial:x}"
     assert device_id == world.device_id

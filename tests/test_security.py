@@ -300,10 +300,14 @@ def test_environment_cannot_turn_the_broker_check_off(
         "--trust-anchor", str(factory_ca.root_path),
     )  # fmt: skip
     device.enroll(factory_ca)
+    for name in (
+        "DEVICE_AGENT_TLS_INSECURE",
+        "DEVICE_AGENT_INSECURE",
+        "DEVICE_AGENT_VERIFY",
+    ):
+        result = device.run("connect", env={name: "0"}, check=False)
+        assert f"{name}: unknown setting" in one_line_error(result)
     loosening = {
-        "DEVICE_AGENT_TLS_INSECURE": "1",
-        "DEVICE_AGENT_INSECURE": "1",
-        "DEVICE_AGENT_VERIFY": "0",
         "PYTHONHTTPSVERIFY": "0",
         "SSL_CERT_FILE": str(factory_ca.root_path),
         "SSL_CERT_DIR": str(factory_ca.root_path.parent),

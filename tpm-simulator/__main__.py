@@ -1,5 +1,5 @@
 """Run the tpm-simulator command with ``python -m tpm_simulator``."""
 
-from tpm_simulator.cli import run
+from tpm_simulator import main
 
-run()
+main()
