@@ -78,9 +78,17 @@ class CertificateAuthority:
     ) -> None:
         self.directory = Path(directory)
         self.root = root
-        self.intermediate = intermediate
+        self._intermediate = intermediate
         self._root_key = root_key
         self._intermediate_key = intermediate_key
+
+        # What every leaf takes from the intermediate, derived once: a
+        # registrar issues thousands of leafs from one CA object.
+        self._issuer = intermediate.subject
+        self._aki = _authority_key_id(intermediate)
+        self.intermediate_pem = intermediate.public_bytes(
+            serialization.Encoding.PEM
+        )
 
     @classmethod
     def create(
@@ -131,6 +139,12 @@ class CertificateAuthority:
         return str(names[0].value)
 
     @property
+    def intermediate(self) -> x509.Certificate:
+        """The CA that signs leafs; read-only, as what leafs take from it
+        is derived once."""
+        return self._intermediate
+
+    @property
     def root_path(self) -> Path:
         """The trust anchor file that verifiers of our leafs need."""
         return self.directory / ROOT_CERT
@@ -152,7 +166,6 @@ class CertificateAuthority:
         not_after: datetime.datetime | None = None,
         eku: Sequence[x509.ObjectIdentifier] | None = None,
         san: Sequence[x509.GeneralName] | None = None,
-        signature_checked: bool = False,
     ) -> list[x509.Certificate]:
         """Issue a client certificate for ``csr``; return [leaf, intermediate].
 
@@ -161,29 +174,58 @@ class CertificateAuthority:
         cryptography. ``not_before``, ``not_after`` and ``eku`` override
         the defaults (now less a few minutes, ``days`` from now,
         clientAuth) so that tests can make certificates a device must
-        refuse; an empty ``eku`` leaves the extension out. A caller that
-        has verified the CSR's signature itself says so with
-        ``signature_checked``: checking an ECDSA signature costs more
-        than making one, so checking it twice would be the largest cost
-        of issuing.
+        refuse; an empty ``eku`` leaves the extension out.
         """
-        if not signature_checked and not csr.is_signature_valid:
-            raise CAError(f"CSR for {_describe(csr.subject)}: bad signature")
+        subject = csr.subject
+        if not csr.is_signature_valid:
+            raise CAError(f"CSR for {_describe(subject)}: bad signature")
         if not_after is None:
             check_days(days)
 
         now = _now()
-        self._check_current(now)
-        builder = _leaf_builder(
-            subject=csr.subject,
-            public_key=csr.public_key(),
+        alt_names = (
+            san_of(csr) if san is None else x509.SubjectAlternativeName(san)
+        )
+        leaf = self.issue_leaf(
+            subject,
+            csr.public_key(),
             not_before=not_before or now - BACKDATE,
             not_after=not_after or now + datetime.timedelta(days=days),
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH] if eku is None else eku,
+            san=alt_names,
         )
-        builder = _with_san(builder, csr, san)
-        leaf = self._issue(builder)
         return [leaf, self.intermediate]
+
+    def issue_leaf(
+        self,
+        subject: x509.Name,
+        public_key: CertificatePublicKeyTypes,
+        *,
+        not_before: datetime.datetime,
+        not_after: datetime.datetime,
+        eku: Sequence[x509.ObjectIdentifier],
+        san: x509.SubjectAlternativeName | None,
+    ) -> x509.Certificate:
+        """A leaf as :meth:`sign_csr` makes one, from a CSR checked already.
+
+        Checking an ECDSA signature costs about as much as making one,
+        and cryptography parses a CSR's subject and key anew on each
+        read: a registrar that checks the CSR, its subject and its key
+        itself passes on what it read instead of the CSR.
+        """
+        self._check_current(_now())
+        builder = _leaf_builder(
+            subject=subject,
+            public_key=public_key,
+            not_before=not_before,
+            not_after=not_after,
+            eku=eku,
+        )
+        if san is not None:
+            # RFC 5280 wants subjectAltName critical when the subject is
+            # empty.
+            builder = builder.add_extension(san, critical=len(subject) == 0)
+        return self._issue(builder, subject)
 
     def issue_client_cert(
         self, common_name: str, days: int = 365, **sign: Any
@@ -222,8 +264,9 @@ class CertificateAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         self._check_current(now)
+        subject = _name(hostnames_and_ips[0])
         builder = _leaf_builder(
-            subject=_name(hostnames_and_ips[0]),
+            subject=subject,
             public_key=key.public_key(),
             not_before=now - BACKDATE,
             not_after=now + datetime.timedelta(days=days),
@@ -234,7 +277,7 @@ class CertificateAuthority:
             ),
             critical=False,
         )
-        return [self._issue(builder), self.intermediate], key
+        return [self._issue(builder, subject), self.intermediate], key
 
     def crl(
         self,
@@ -289,11 +332,11 @@ class CertificateAuthority:
     ) -> bytes:
         builder = (
             x509.CertificateRevocationListBuilder()
-            .issuer_name(self.intermediate.subject)
+            .issuer_name(self._issuer)
             .last_update(last_update)
             .next_update(last_update + next_update)
             .add_extension(x509.CRLNumber(_crl_number()), critical=False)
-            .add_extension(self._intermediate_aki(), critical=False)
+            .add_extension(self._aki, critical=False)
         )
         for serial, revoked_at in revoked.items():
             builder = builder.add_revoked_certificate(
@@ -373,27 +416,23 @@ class CertificateAuthority:
                 f"{expiry:%Y-%m-%d %H:%M} UTC"
             )
 
-    def _issue(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+    def _issue(
+        self, builder: x509.CertificateBuilder, subject: x509.Name
+    ) -> x509.Certificate:
         cert = (
-            builder.issuer_name(self.intermediate.subject)
-            .add_extension(self._intermediate_aki(), critical=False)
+            builder.issuer_name(self._issuer)
+            .add_extension(self._aki, critical=False)
             .sign(self._intermediate_key, hashes.SHA256())
         )
-        logger.info(
-            "issued %s serial %x, valid until %s",
-            _describe(cert.subject),
-            cert.serial_number,
-            cert.not_valid_after_utc.isoformat(),
-        )
+        # The arguments cost more than the line: only when it is shown.
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "issued %s serial %x, valid until %s",
+                _describe(subject),
+                cert.serial_number,
+                cert.not_valid_after_utc.isoformat(),
+            )
         return cert
-
-    def _intermediate_aki(self) -> x509.AuthorityKeyIdentifier:
-        ski = self.intermediate.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier
-        ).value
-        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            ski
-        )
 
 
 def check_name(name: str) -> str:
@@ -656,23 +695,25 @@ def _leaf_builder(
     return builder
 
 
-def _with_san(
-    builder: x509.CertificateBuilder,
+def san_of(
     csr: x509.CertificateSigningRequest,
-    override: Sequence[x509.GeneralName] | None,
-) -> x509.CertificateBuilder:
-    if override is not None:
-        san = x509.SubjectAlternativeName(override)
-    else:
-        try:
-            san = csr.extensions.get_extension_for_class(
-                x509.SubjectAlternativeName
-            ).value
-        except x509.ExtensionNotFound:
-            return builder
+) -> x509.SubjectAlternativeName | None:
+    """The subjectAltName a CSR asks for; None if it asks for none."""
+    try:
+        return csr.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        return None
 
-    # RFC 5280 wants subjectAltName critical when the subject is empty.
-    return builder.add_extension(san, critical=len(csr.subject) == 0)
+
+def _authority_key_id(
+    issuer: x509.Certificate,
+) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier
+    ).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _key_usage(*, leaf: bool) -> x509.KeyUsage:

@@ -40,6 +40,7 @@ from firmware_sim.ca import (
     CertificateAuthority,
     chain_pem,
     key_pem,
+    san_of,
 )
 from firmware_sim.errors import SimError
 from firmware_sim.registry import (
@@ -64,6 +65,7 @@ ACL_TOPICS = (REQUEST_FILTER, RESPONSE_FILTER)
 
 # What the registry calls the certificates the registrar issues.
 KIND = "ldevid"
+_EKU = (ExtendedKeyUsageOID.CLIENT_AUTH,)
 
 CA_DIR = "ca"
 CHAIN_FILE = "registrar.pem"
@@ -592,16 +594,16 @@ class Registrar:
                 "busy", "too many requests waiting", BUSY_RETRY_AFTER
             )
 
-        csr = _parse_csr(csr_pem)
+        csr, subject = _parse_csr(csr_pem)
         _check_signature(csr)
-        _check_key(csr)
-        _check_identity(csr, device_id)
+        key = _check_key(csr)
+        _check_identity(subject, device_id)
         self._check_device(device_id)
 
-        leaf = self._issue(device_id, csr, policy)
-        answer = messages.encode_issued(
-            request_id, chain_pem([leaf, self.ca.intermediate]).decode()
-        )
+        leaf = self._issue(device_id, csr, subject, key, policy)
+        chain = leaf.public_bytes(serialization.Encoding.PEM)
+        chain += self.ca.intermediate_pem
+        answer = messages.encode_issued(request_id, chain.decode())
         self._remember(device_id, request_id, digest, answer)
         self._count("issued")
         logger.info(
@@ -630,29 +632,32 @@ class Registrar:
         return answer
 
     def _check_device(self, device_id: str) -> None:
-        device = self.registry.get(device_id)
-        if device is None:
+        status = self.registry.status(device_id)
+        if status is None:
             raise _Refusal("unknown-device", f"{device_id} is not registered")
-        if device.status == REVOKED:
+        if status == REVOKED:
             raise _Refusal("revoked", f"{device_id} is revoked")
-        if device.status == DECOMMISSIONED:
+        if status == DECOMMISSIONED:
             raise _Refusal("decommissioned", f"{device_id} is decommissioned")
 
     def _issue(
         self,
         device_id: str,
         csr: x509.CertificateSigningRequest,
+        subject: x509.Name,
+        key: ec.EllipticCurvePublicKey,
         policy: Policy,
     ) -> x509.Certificate:
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         not_before = now - datetime.timedelta(seconds=policy.backdate)
         not_after = now + datetime.timedelta(seconds=policy.granted_lifetime)
-        leaf, _ = self.ca.sign_csr(
-            csr,
+        leaf = self.ca.issue_leaf(
+            subject,
+            key,
             not_before=not_before,
             not_after=not_after,
-            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
-            signature_checked=True,  # by _check_signature
+            eku=_EKU,
+            san=san_of(csr),
         )
 
         # A certificate the registry does not know of is never handed
@@ -789,7 +794,10 @@ def _salvage_id(payload: bytes) -> str | None:
     return request_id
 
 
-def _parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
+def _parse_csr(
+    csr_pem: str,
+) -> tuple[x509.CertificateSigningRequest, x509.Name]:
+    """The CSR and its subject (cryptography parses it anew on each read)."""
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
     except (ValueError, UnicodeError, UnsupportedAlgorithm):
@@ -799,10 +807,10 @@ def _parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
     # turns a malformed one into this refusal rather than a failure
     # halfway through issuing.
     try:
-        _ = csr.subject, csr.extensions
+        subject, _ = csr.subject, csr.extensions
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise _Refusal("bad-request", f"malformed CSR: {exc}") from None
-    return csr
+    return csr, subject
 
 
 def _check_signature(csr: x509.CertificateSigningRequest) -> None:
@@ -814,7 +822,9 @@ def _check_signature(csr: x509.CertificateSigningRequest) -> None:
         raise _Refusal("bad-signature", "the CSR signature does not verify")
 
 
-def _check_key(csr: x509.CertificateSigningRequest) -> None:
+def _check_key(
+    csr: x509.CertificateSigningRequest,
+) -> ec.EllipticCurvePublicKey:
     try:
         key = csr.public_key()
     except (ValueError, UnsupportedAlgorithm):
@@ -823,12 +833,11 @@ def _check_key(csr: x509.CertificateSigningRequest) -> None:
         key.curve, ec.SECP256R1
     ):
         raise _Refusal("key-type", "the key must be EC P-256")
+    return key
 
 
-def _check_identity(
-    csr: x509.CertificateSigningRequest, device_id: str
-) -> None:
-    names = _common_names(csr.subject)
+def _check_identity(subject: x509.Name, device_id: str) -> None:
+    names = _common_names(subject)
     if names != [device_id]:
         shown = ", ".join(repr(n[:64]) for n in names) or "no CN"
         raise _Refusal(

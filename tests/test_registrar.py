@@ -24,10 +24,12 @@ from device_agent.core import messages
 from device_agent.errors import SessionError
 from device_agent.session import Session
 from firmware_sim import cli, registrar
+from firmware_sim.ca import CertificateAuthority
 from firmware_sim.registry import (
     ACTIVE,
     DECOMMISSIONED,
     REVOKED,
+    OutOfServiceError,
     Registry,
     RegistryError,
     UnknownDeviceError,
@@ -352,6 +354,44 @@ def test_device_out_of_service_is_refused(registrar_world, device, status):
     assert registrar_world.registry.issuances() == []
 
 
+@pytest.fixture
+def unstarted(tmp_path):
+    """A registrar never started, for handle() alone: no broker."""
+    layout = registrar.prepare(tmp_path / "registrar")
+    with Registry(layout.registry_path) as registry:
+        registry.add("dev-1")
+        yield registrar.Registrar(
+            CertificateAuthority.load(layout.ca_dir),
+            registry,
+            "127.0.0.1",
+            0,
+            layout.root_path,
+            layout.chain_path,
+            layout.key_path,
+        )
+
+
+def test_device_revoked_while_its_certificate_is_signed_gets_none(
+    unstarted, monkeypatch
+):
+    """The registry's record decides: a leaf it refuses is never sent."""
+    issue_leaf = unstarted.ca.issue_leaf
+
+    def revoke_then_issue(*args, **kwargs):
+        # Another connection, as the CLI's revoke in another process.
+        with Registry(unstarted.registry.path) as other:
+            other.set_status("dev-1", REVOKED)
+        return issue_leaf(*args, **kwargs)
+
+    monkeypatch.setattr(unstarted.ca, "issue_leaf", revoke_then_issue)
+    payload = messages.encode_request(new_id(), csr_pem())
+
+    answer = unstarted.handle("dev-1", payload)
+
+    assert refusal(messages.decode_response(answer)) == REVOKED
+    assert unstarted.registry.issuances() == []
+
+
 def test_signature_is_checked_before_identity_and_registry(
     registrar_world, device
 ):
@@ -630,6 +670,34 @@ def test_registry_keeps_large_serials_and_order(registry):
         "dev-1",
     ]
     assert registry.issuances()[0].not_before == now
+
+
+@pytest.mark.parametrize("status", [REVOKED, DECOMMISSIONED])
+def test_registry_records_nothing_issued_to_a_device_out_of_service(
+    registry, status
+):
+    registry.add("dev-1")
+    registry.set_status("dev-1", status)
+    now = datetime.datetime.now(datetime.UTC)
+
+    with pytest.raises(OutOfServiceError) as raised:
+        registry.record_issuance("dev-1", 1, "aa", now, now, "ldevid")
+
+    assert raised.value.status == status
+    assert registry.issuances() == []
+
+
+def test_registry_returns_an_issuance_as_it_reads_it_back(registry):
+    registry.add("dev-1")
+    now = datetime.datetime.now(datetime.timezone(datetime.timedelta(hours=2)))
+
+    recorded = registry.record_issuance(
+        "dev-1", 7, "aa", now, now + datetime.timedelta(days=1), "ldevid"
+    )
+
+    assert registry.issuances() == [recorded]
+    assert recorded.number == 1
+    assert recorded.not_before.utcoffset() == datetime.timedelta(0)
 
 
 def test_registry_is_shared_by_two_connections(tmp_path):
