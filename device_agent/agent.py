@@ -226,6 +226,16 @@ class Agent:
             if generation is None:
                 continue
             leaf = _leaf(generation)
+            stranger = (
+                None
+                if leaf is None
+                else (credential.other_device(leaf, self.settings.device_id))
+            )
+            if stranger is not None:
+                name = "factory" if lineage == FACTORY else "operational"
+                self.last_result = f"{name}: {stranger}"
+                logger.warning("%s", self.last_result)
+                continue
             expired = (
                 leaf is None or leaf.not_valid_after_utc.timestamp() <= now
             )

@@ -210,19 +210,21 @@ def _self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def load_anchors(path: Path) -> list[x509.Certificate]:
-    """The trust anchors in a CA file."""
+def load_anchors(
+    path: Path, what: str = "trust anchor"
+) -> list[x509.Certificate]:
+    """The trust anchors in a CA file; errors call the file ``what``."""
     try:
         data = _read_regular(path)
     except OSError as exc:
         raise ChainError(
-            "unknown-ca", f"trust anchor {path}: {exc.strerror or exc}"
+            "unknown-ca", f"{what} {path}: {exc.strerror or exc}"
         ) from None
     try:
         return read_bundle(data)
     except ChainError as exc:
         raise ChainError(
-            "unknown-ca", f"trust anchor {path}: {exc.detail}"
+            "unknown-ca", f"{what} {path}: {exc.detail}"
         ) from None
 
 

@@ -345,9 +345,72 @@ def status(
         if identity["key"] is not None
     }
     _check_key_store_setting(settings, kinds, problems)
+    _check_anchors(settings, now, problems)
     report["tpm"] = _tpm_presence(settings, kinds, problems)
     report["problems"] = _fallback(problems)
     return report
+
+
+def _check_anchors(
+    settings: Settings,
+    now: datetime.datetime,
+    problems: list[dict[str, str]],
+) -> None:
+    """The CA files hold certificates, and our chains build to the anchor.
+
+    A trust anchor that was replaced by the wrong file does no harm
+    until the next renewal, which it then refuses; status says so now.
+    """
+    for field in ("ca_file", "trust_anchor"):
+        path = getattr(settings, field)
+        if path is None:
+            continue
+        try:
+            chain.load_anchors(path, field)
+        except ChainError as exc:
+            problems.append({"level": ERROR, "problem": exc.detail})
+    path = settings.anchor_file
+    if path is None:
+        return
+    try:
+        anchors = chain.load_anchors(path)
+    except ChainError:
+        return  # named above
+    for lineage in (FACTORY, OPERATIONAL):
+        trouble = _anchor_trouble(settings, lineage, anchors, now)
+        if trouble is not None:
+            problems.append(
+                {
+                    "level": ERROR,
+                    "problem": f"{_LINEAGE_NAMES[lineage]}: {trouble}",
+                }
+            )
+
+
+def _anchor_trouble(
+    settings: Settings,
+    lineage: str,
+    anchors: list[x509.Certificate],
+    now: datetime.datetime,
+) -> str | None:
+    """Why a valid current chain does not build to the anchors, if so."""
+    generation = CredentialStore(settings.state_dir, lineage).current()
+    if generation is None:
+        return None
+    try:
+        certificates = chain.read_bundle(generation.chain_path.read_bytes())
+        leaf = certificates[0]
+        if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+            return None  # its dates are a problem of their own
+        chain.verify(certificates, anchors, None, now)
+    except (ChainError, OSError) as exc:
+        if isinstance(exc, ChainError) and exc.reason == "unknown-ca":
+            return (
+                f"chain does not build to trust_anchor "
+                f"{settings.anchor_file}: {exc.detail}"
+            )
+        return None  # unreadable chains are named elsewhere
+    return None
 
 
 def _check_key_store_setting(
@@ -447,12 +510,7 @@ def _describe_lineage(
         else:
             names = described["certificate"].pop("names")
             if names != [settings.device_id]:
-                problem(
-                    "certificate names another device "
-                    f"(CN={', '.join(names) or 'none'}), not "
-                    f"{settings.device_id}: is state_dir another "
-                    "device's store?"
-                )
+                problem(_stranger(names, settings.device_id))
             certificate = described["certificate"]
             if certificate["state"] == "expired":
                 problem(
@@ -676,6 +734,12 @@ def best_credential(
                 why,
             )
             continue
+        stranger = other_device(leaf, settings.device_id)
+        if stranger is not None:
+            if lineage == FACTORY:
+                raise StoreError(f"factory: {stranger}")
+            logger.warning("operational: %s: using the factory one", stranger)
+            continue
         if leaf.not_valid_after_utc <= now:
             expired.append(
                 f"certificate of the {_LINEAGE_NAMES[lineage]} identity "
@@ -690,6 +754,29 @@ def best_credential(
         raise StoreError("; ".join(expired))
     raise StoreError(
         "no certificate installed yet: run 'device-agent install-chain'"
+    )
+
+
+def other_device(leaf: x509.Certificate, device_id: str) -> str | None:
+    """Why ``leaf`` is not this device's certificate, or None if it is.
+
+    A store copied from another device, or a config whose device_id was
+    changed over an existing store, holds a credential that would log in
+    under the other device's name: it is never presented.
+    """
+    names = [
+        str(name.value)
+        for name in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ]
+    if names == [device_id]:
+        return None
+    return _stranger(names, device_id)
+
+
+def _stranger(names: list[str], device_id: str) -> str:
+    return (
+        f"certificate names another device (CN={', '.join(names) or 'none'})"
+        f", not {device_id}: is state_dir another device's store?"
     )
 
 

@@ -164,6 +164,66 @@ def test_status_notices_another_devices_store(device):
     assert "sw-01" in problem
 
 
+def test_connect_never_presents_another_devices_certificate(device):
+    """What status calls another device's store, connect refuses too."""
+    before = device.snapshot()
+    result = device.run("--set", "device_id=sw-01", "connect", check=False)
+    line = one_line_error(result)
+    assert "factory: certificate names another device (CN=dev-0042)" in line
+    assert "not sw-01" in line
+    assert device.snapshot() == before
+
+
+def _private_key_pem(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = tmp_path / "not-a-ca.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("field", ["trust_anchor", "ca_file"])
+def test_status_names_a_ca_file_that_holds_no_certificate(
+    device, tmp_path, field
+):
+    wrong = _private_key_pem(tmp_path)
+    report, result = status_json(device, "--set", f"{field}={wrong}")
+    assert result.returncode != 0
+    assert any(
+        p.startswith(f"{field} {wrong}: ") and "private key" in p
+        for p in problems(report)
+    ), report["problems"]
+
+
+def test_status_names_a_trust_anchor_our_chain_does_not_build_to(
+    device, tmp_path
+):
+    from firmware_sim.ca import CertificateAuthority
+
+    other = CertificateAuthority.create(tmp_path / "other", name="Other")
+    report, result = status_json(
+        device, "--set", f"trust_anchor={other.root_path}"
+    )
+    assert result.returncode != 0
+    (problem,) = problems(report)
+    assert problem.startswith("factory: chain does not build to")
+    assert str(other.root_path) in problem
+
+
+def test_status_of_a_sound_device_builds_its_chain_to_the_anchor(device):
+    report, result = status_json(device)
+    assert result.returncode == 0, report["problems"]
+    assert problems(report) == []
+
+
 # -- init checks the CA file it is given --------------------------------
 
 
