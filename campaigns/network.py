@@ -261,7 +261,8 @@ class Agent:
     def account(self) -> tuple[int, int, int]:
         """Heartbeats sent, still queued at the stop, dropped when full."""
         found = re.search(
-            r"(\d+) heartbeats sent, (\d+) messages still queued, "
+            r"(\d+) heartbeats made, (\d+) messages still queued "
+            r"\(never sent\), "
             r"(\d+) dropped",
             self.stopped_line,
         )

@@ -658,7 +658,15 @@ class Agent:
         path = self.settings.state_dir / LAST_GOOD_FILE
         try:
             return clock.decode_last_good(path.read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "%s unreadable (%s): the clock is judged without it and the "
+                "file is written anew",
+                path,
+                exc,
+            )
             return None
 
     def _write_last_good(self, value: float) -> None:
@@ -692,6 +700,7 @@ class Agent:
             "next_renewal": _iso(self.next_renewal),
             "last_result": self.last_result,
             "failures_in_row": self.failures,
+            "connect_failures_in_row": self.connect_attempt,
             "renew_now": {
                 "answered": self.renew_requests_answered,
                 "answer": self.renew_answer,
@@ -774,8 +783,8 @@ class Agent:
         self._status_written = None
         self._write_status_quietly()
         logger.info(
-            "agent stopped: %d heartbeats sent, %d messages still queued, "
-            "%d dropped on a full queue",
+            "agent stopped: %d heartbeats made, %d messages still queued "
+            "(never sent), %d dropped on a full queue",
             self.heartbeats,
             len(self.outbox),
             self.outbox.dropped,

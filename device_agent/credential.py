@@ -310,6 +310,7 @@ _AGENT_FIELDS: dict[str, tuple[type, ...]] = {
     "next_renewal": (str, type(None)),
     "last_result": (str,),
     "failures_in_row": (int,),
+    "connect_failures_in_row": (int, type(None)),
 }
 
 
@@ -614,9 +615,11 @@ def _agent_status(
     report["running"] = running_pid(settings.state_dir) is not None
     if not report["running"]:
         # What a stopped agent wrote is history: its schedule died with
-        # it (and a reset since may have invalidated it).
+        # it (and a reset since may have invalidated it), and its view of
+        # the clock is judged again now.
         report["stale"] = True
         report["next_renewal"] = None
+        _judge_clock(settings, report, problems)
     elif report["state"] == "needs_service":
         problems.append(
             {
@@ -626,6 +629,36 @@ def _agent_status(
             }
         )
     return report
+
+
+def _judge_clock(
+    settings: Settings,
+    report: dict[str, Any],
+    problems: list[dict[str, str]],
+) -> None:
+    """Judge the clock against the last known-good time, as the agent will."""
+    from device_agent.agent import LAST_GOOD_FILE
+    from device_agent.core import clock
+
+    path = settings.state_dir / LAST_GOOD_FILE
+    try:
+        last_good = clock.decode_last_good(path.read_text())
+    except (OSError, ValueError):
+        return
+    now = datetime.datetime.now(datetime.UTC).timestamp()
+    state, reason = clock.assess(now, last_good, (), settings.clock_skew)
+    report["clock"] = state
+    report["clock_reason"] = reason
+    if state != "trusted":
+        report["clock_reason"] = (
+            f"{reason}; if the clock is right, delete {path}"
+        )
+        problems.append(
+            {
+                "level": WARNING,
+                "problem": f"clock {state}: {report['clock_reason']}",
+            }
+        )
 
 
 def _unreadable(problems: list[dict[str, str]], path: Path, why: str) -> None:

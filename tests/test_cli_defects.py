@@ -174,6 +174,32 @@ def test_connect_never_presents_another_devices_certificate(device):
     assert device.snapshot() == before
 
 
+def test_status_judges_the_clock_again_when_the_agent_is_stopped(device):
+    """A stopped agent's 'trusted' is history; the known-good time rules."""
+    from device_agent.core import clock
+
+    (device.state / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "stopped",
+                "clock": "trusted",
+                "clock_reason": "",
+                "next_renewal": None,
+                "last_result": "none yet",
+                "failures_in_row": 0,
+            }
+        )
+    )
+    last_good = device.state / "last-good-time"
+    last_good.write_text(clock.encode_last_good(4102444800.0))  # 2100
+    report, _ = status_json(device)
+    assert report["agent"]["clock"] == "untrusted"
+    (warning,) = problems(report, "warning")
+    assert "behind the last known-good time" in warning
+    assert f"delete {last_good}" in warning
+    assert "clock:         untrusted" in device.run("status", check=False).out
+
+
 def _private_key_pem(tmp_path: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -59,8 +59,14 @@ def _lines(report: dict[str, Any]) -> list[str]:
             f"{agent.get('clock_reason') or ''}".rstrip(),
             f"  next renewal:  {renewal}",
             f"  last result:   {agent.get('last_result')}",
-            f"  failures:      {agent.get('failures_in_row')} in a row",
+            f"  failures:      {agent.get('failures_in_row')} renewals "
+            f"in a row",
         ]
+        if agent.get("connect_failures_in_row"):
+            lines.append(
+                f"                 {agent['connect_failures_in_row']} "
+                f"connection rounds in a row"
+            )
     tpm = report["tpm"]
     if tpm["checked"]:
         answer = "present" if tpm["present"] else "not answering"
