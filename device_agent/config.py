@@ -112,6 +112,31 @@ def _text(pattern: re.Pattern[str] | None, what: str) -> Callable[[Any], str]:
     return convert
 
 
+def _tcti(value: Any) -> str:
+    """A TCTI string, with the options of the simulators' TCTIs checked.
+
+    tpm2-tss reports a bad option only as a TPM that does not answer;
+    refusing it here names what is wrong instead.
+    """
+    text = _text(_TCTI, "a TCTI such as swtpm:host=H,port=P or device:PATH")(
+        value
+    )
+    name, _, options = text.partition(":")
+    if name == "device" and options and not options.startswith("/"):
+        raise ValueError("device: takes an absolute path, e.g. /dev/tpmrm0")
+    if name not in ("swtpm", "mssim") or not options:
+        return text
+    for option in options.split(","):
+        key, equals, given = option.partition("=")
+        if key not in ("host", "port") or not equals or not given:
+            raise ValueError(f"{option!r} is not host=HOST or port=PORT")
+        if key == "port" and not (
+            _INTEGER.fullmatch(given) and 1 <= int(given) <= 65535
+        ):
+            raise ValueError("port must be between 1 and 65535")
+    return text
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         text = str(value) if isinstance(value, int | float) else value
@@ -182,7 +207,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "state_dir": _path,
     "serial": _text(_SERIAL, "1-64 printable characters without spaces"),
     "key_store": _choice(KEY_STORES),
-    "tcti": _text(_TCTI, "a TCTI such as swtpm:host=H,port=P or device:PATH"),
+    "tcti": _tcti,
     "broker_host": _host,
     "broker_port": _integer(1, 65535),
     "ca_file": _path,

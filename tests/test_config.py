@@ -53,6 +53,39 @@ def test_a_misspelt_environment_override_is_refused_by_name(tmp_path, name):
     assert caught.value.field == name
 
 
+@pytest.mark.parametrize(
+    ("tcti", "problem"),
+    [
+        ("swtpm:host=127.0.0.1,port=99999", "port must be between"),
+        ("swtpm:port=0", "port must be between"),
+        ("mssim:host=127.0.0.1,foo=bar", "'foo=bar' is not host=HOST"),
+        ("swtpm:host=", "'host=' is not host=HOST"),
+        ("device:dev/tpmrm0", "absolute path"),
+        ("tpm0", "must be a TCTI"),
+    ],
+)
+def test_a_malformed_tcti_is_refused_at_load(tmp_path, tcti, problem):
+    path = write(tmp_path, 'device_id = "a"\nstate_dir = "/s"\n')
+    with pytest.raises(ConfigError, match=problem) as caught:
+        config.load(path, {"tcti": tcti}, environ={})
+    assert caught.value.field == "tcti"
+
+
+@pytest.mark.parametrize(
+    "tcti",
+    [
+        "device:/dev/tpmrm0",
+        "swtpm:host=127.0.0.1,port=2321",
+        "swtpm",
+        "mssim:host=localhost,port=2321",
+        "tabrmd:bus_name=com.intel.tss2.Tabrmd",
+    ],
+)
+def test_usual_tctis_are_accepted(tmp_path, tcti):
+    path = write(tmp_path, 'device_id = "a"\nstate_dir = "/s"\n')
+    assert config.load(path, {"tcti": tcti}, environ={}).tcti == tcti
+
+
 def test_the_config_and_test_variables_are_not_settings(tmp_path):
     path = write(tmp_path, 'device_id = "a"\nstate_dir = "/s"\n')
     env = {

@@ -27,6 +27,7 @@ _PT_FIRMWARE_VERSION_1 = 0x10B
 _PT_FIRMWARE_VERSION_2 = 0x10C
 _HR_TRANSIENT = 0x80000000
 _RC_OBJECT_MEMORY = 0x902
+_TCTI_LAYER = 0xA
 _OBJECT_MEMORY_HINT = (
     "; objects are left loaded in the TPM: /dev/tpmrm0 frees them when "
     "their process ends, but with a TPM without resource manager (swtpm "
@@ -131,8 +132,15 @@ class TPMKeyStore:
     def _context(self) -> Iterator[ESAPI]:
         from tpm2_pytss import ESAPI
 
-        with _tss_errors(f"opening the TPM at {self.tcti}"):
-            ectx = ESAPI(self.tcti)
+        try:
+            with _tss_errors(f"opening the TPM at {self.tcti}"):
+                ectx = ESAPI(self.tcti)
+        except TPMError as exc:
+            # The TCTI layer failing to reach the TPM: say it as every
+            # other command does.
+            if exc.rc is not None and exc.rc >> 16 == _TCTI_LAYER:
+                raise TPMError(f"no TPM answers at {self.tcti}") from exc
+            raise
         try:
             yield ectx
         finally:
