@@ -134,7 +134,8 @@ class _Transaction:
                 self.store.drop_pending()
             elif stale is not None:
                 logger.warning(
-                    "discarding generation %d left by an earlier renewal",
+                    "discarding pending generation %d (from an earlier "
+                    "renewal or keygen that got no certificate)",
                     stale.number,
                 )
                 self.store.discard(stale)

@@ -336,12 +336,21 @@ def write_atomic(
     """
     temporary = path.with_name(f".{path.name}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        if durable:
-            os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            if durable:
+                os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        # A full disk, say: leave no half-written file behind, and name
+        # the file the write was for (a failed write names none).
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     if durable:
         _fsync_dir(path.parent)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
 )
@@ -43,6 +43,8 @@ BACKDATE = datetime.timedelta(minutes=5)
 # A hundred years: longer lifetimes are typing mistakes, and a few more
 # digits would pass the last date X.509 can express.
 MAX_DAYS = 36500
+# A CA outlives what it signs: twice the factory's ten-year IDevID.
+CA_DAYS = 7300
 
 # X.509 bounds a common name and an organization at 64 bytes (as UTF-8);
 # the intermediate's common name is the CA name and this suffix.
@@ -95,7 +97,7 @@ class CertificateAuthority:
         cls,
         directory: Path,
         name: str = "Device Factory",
-        days: int = 3650,
+        days: int = CA_DAYS,
     ) -> CertificateAuthority:
         """Make a new root and intermediate in ``directory`` (made 0700).
 
@@ -179,16 +181,20 @@ class CertificateAuthority:
         subject = csr.subject
         if not csr.is_signature_valid:
             raise CAError(f"CSR for {_describe(subject)}: bad signature")
+        public_key = csr.public_key()
+        _check_key_strength(public_key, subject)
+        now = _now()
         if not_after is None:
             check_days(days)
+            self._check_current(now)
+            self._check_outlives(now + datetime.timedelta(days=days), days)
 
-        now = _now()
         alt_names = (
             san_of(csr) if san is None else x509.SubjectAlternativeName(san)
         )
         leaf = self.issue_leaf(
             subject,
-            csr.public_key(),
+            public_key,
             not_before=not_before or now - BACKDATE,
             not_after=not_after or now + datetime.timedelta(days=days),
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH] if eku is None else eku,
@@ -407,6 +413,17 @@ class CertificateAuthority:
                     f"{self.directory / file_name} does not match its key"
                 )
 
+    def _check_outlives(self, not_after: datetime.datetime, days: int) -> None:
+        # A leaf valid past its issuer is refused by verifiers from the
+        # day the issuer expires; better to say so when it is made.
+        expiry = self.intermediate.not_valid_after_utc
+        if not_after > expiry:
+            most = (expiry - _now()).days
+            raise CAError(
+                f"a lifetime of {days} days outlives the CA's intermediate, "
+                f"which expires on {expiry:%Y-%m-%d}: at most {most} days"
+            )
+
     def _check_current(self, now: datetime.datetime) -> None:
         # What an expired intermediate signs, no verifier accepts.
         expiry = self.intermediate.not_valid_after_utc
@@ -451,6 +468,34 @@ def check_name(name: str) -> str:
             f"of a common name, so {longest} at most"
         )
     return name
+
+
+# Keys a CA of this decade signs for: NIST curves of 256 bits and up,
+# RSA of 2048 bits and up, Ed25519.
+_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_MIN_RSA_BITS = 2048
+
+
+def _check_key_strength(
+    key: CertificatePublicKeyTypes, subject: x509.Name
+) -> None:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, _CURVES):
+            return
+        what = f"an elliptic-curve key on {key.curve.name}"
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size >= _MIN_RSA_BITS:
+            return
+        what = f"an RSA key of {key.key_size} bits"
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        return
+    else:
+        what = f"a {type(key).__name__} key"
+    raise CAError(
+        f"CSR for {_describe(subject)}: {what} is not signed for (use "
+        f"P-256, P-384, P-521, RSA of {_MIN_RSA_BITS} bits or more, or "
+        f"Ed25519)"
+    )
 
 
 def check_days(days: int) -> int:

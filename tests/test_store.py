@@ -112,3 +112,26 @@ def test_lock_excludes_a_second_holder(tmp_path):
         thread.join()
     with other.lock(0.2):
         pass
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_and_names_the_file(
+    tmp_path, monkeypatch
+):
+    import errno as errno_codes
+
+    from device_agent.store import write_atomic
+
+    target = tmp_path / "status.json"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(errno_codes.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full)
+    with pytest.raises(OSError) as failed:
+        write_atomic(target, b"new", 0o600)
+
+    assert failed.value.filename == str(target)
+    assert failed.value.errno == errno_codes.ENOSPC
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
