@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import logging
 import os
 import shutil
+import socket
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -251,6 +254,7 @@ def run(directory: Path) -> None:
         )
     _check_reachable(conf.parent)
     mosquitto = _mosquitto()
+    _check_listeners(conf)
 
     click.echo(f"{mosquitto} -c {conf}", err=True)
     sys.stdout.flush()
@@ -258,6 +262,48 @@ def run(directory: Path) -> None:
     # mosquitto takes this process over: signals reach it directly, and
     # nothing is left running when it ends.
     os.execv(mosquitto, [mosquitto, "-c", str(conf)])  # noqa: S606
+
+
+def _check_listeners(conf: Path) -> None:
+    """Refuse to start mosquitto on an address something listens on.
+
+    mosquitto would say so in five log lines of its own and no summary.
+    A port taken in the moment between this probe and mosquitto's own
+    bind still ends it that way: only the bind itself can tell.
+    """
+    for host, port in _listeners(conf):
+        if _in_use(host, port):
+            raise BrokerError(
+                f"mosquitto cannot listen on {host}:{port}: address "
+                "already in use"
+            )
+
+
+def _listeners(conf: Path) -> Iterator[tuple[str, int]]:
+    """The (address, port) of each ``listener`` line of a config."""
+    for line in conf.read_text(errors="replace").splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "listener":
+            continue
+        try:
+            port = int(words[1])
+        except ValueError:
+            continue  # mosquitto itself names what it cannot read
+        # Without an address mosquitto listens on every one.
+        yield (words[2] if len(words) > 2 else "0.0.0.0"), port  # noqa: S104
+
+
+def _in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As mosquitto does: connections of an earlier broker left in
+        # TIME_WAIT do not hold the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _check_out_dir(out: Path, force: bool) -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 from cryptography import x509
 
 from firmware_sim.ca import (
+    CA_DAYS,
     CA_FILES,
     MAX_DAYS,
     REVOKED,
@@ -47,6 +49,8 @@ _OUT = NonEmptyPath(path_type=Path, dir_okay=False)
 # mosquitto refuses every leaf of an issuer whose CRL is past its next
 # update; a month leaves time to notice that a new one is due.
 CRL_DAYS = 30
+
+_PEM_BEGIN = b"-----BEGIN "
 
 
 def server_names(
@@ -93,7 +97,7 @@ def ca() -> None:
 @click.option(
     "--name", default="Device Factory", show_default=True, callback=ca_name
 )
-@click.option("--days", type=_DAYS, default=3650, show_default=True)
+@click.option("--days", type=_DAYS, default=CA_DAYS, show_default=True)
 def init(directory: Path, name: str, days: int) -> None:
     """Create a new CA; refuses a directory that already holds one."""
     authority = CertificateAuthority.create(directory, name, days)
@@ -106,13 +110,21 @@ def init(directory: Path, name: str, days: int) -> None:
     "--out",
     type=NonEmptyPath(path_type=Path, dir_okay=False),
     required=True,
-    help="Where to write the leaf and the intermediate, as PEM.",
+    help="Where to write the leaf and the intermediate, as PEM; a file "
+    "that exists is replaced only if it holds a leaf certificate or "
+    "chain.",
 )
 @click.option("--days", type=_DAYS, default=365, show_default=True)
 @_CA_DIR
 def sign(csr_file: Path, out: Path, days: int, directory: Path) -> None:
-    """Sign a CSR (PEM or DER) as a client certificate."""
-    _check_out(out, directory, inputs={csr_file: "the CSR file"})
+    """Sign a CSR (PEM or DER) as a client certificate.
+
+    Refuses to replace a file that holds anything but a leaf
+    certificate or chain (a config, a key, a CA certificate).
+    """
+    _check_out(
+        out, directory, inputs={csr_file: "the CSR file"}, holding=_CHAIN
+    )
 
     authority = CertificateAuthority.load(directory)
     chain = authority.sign_csr(_read_csr(csr_file), days)
@@ -160,8 +172,8 @@ def server_cert(
 
     Refuses to replace files that exist, unless --force.
     """
-    _check_out(out_cert, directory, "--out-cert", replace=force)
-    _check_out(out_key, directory, "--out-key", replace=force)
+    _check_out(out_cert, directory, "--out-cert", force=force)
+    _check_out(out_key, directory, "--out-key", force=force)
     if _real(out_cert) == _real(out_key):
         raise click.BadParameter(
             f"{out_key} is --out-cert too; the key needs a file of its own",
@@ -190,7 +202,8 @@ def server_cert(
     "--out",
     type=_OUT,
     required=True,
-    help="Where to write the CRL, as PEM; a regular file is replaced.",
+    help="Where to write the CRL, as PEM; a file that exists is replaced "
+    "only if it holds a single CRL.",
 )
 @click.option(
     "--revoke",
@@ -215,9 +228,10 @@ def crl(directory: Path, out: Path, serials: list[int], days: int) -> None:
     mosquitto refuse every certificate of this CA: write a new one
     before then. mosquitto's crlfile needs the CRL of every CA whose
     certificates it accepts; 'firmware-sim broker files' and 'broker
-    crl' write that file.
+    crl' write that file. A file that holds anything but a single CRL
+    is not replaced.
     """
-    _check_out(out, directory)
+    _check_out(out, directory, holding=_CRL)
 
     authority = CertificateAuthority.load(directory)
     authority.revoke(serials)
@@ -245,18 +259,75 @@ def _read_csr(path: Path) -> x509.CertificateSigningRequest:
         raise CAError(f"{path}: not a PEM or DER CSR") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Holding:
+    """What an output holds when a command may replace it."""
+
+    what: str
+    holds: Callable[[bytes], bool]
+
+
+def _holds_leaf_chain(data: bytes) -> bool:
+    # Every PEM block must be a certificate: a key kept in the same
+    # file is skipped by the loader, and would be lost on replacing.
+    try:
+        if _PEM_BEGIN in data:
+            certs = x509.load_pem_x509_certificates(data)
+            if data.count(_PEM_BEGIN) != len(certs):
+                return False
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        return False
+    return not _is_ca(certs[0])
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        constraints = cert.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        )
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
+
+
+def _holds_one_crl(data: bytes) -> bool:
+    # A file of several CRLs is a broker's crlfile: replaced by one CRL
+    # it would make the broker refuse the other issuers' devices.
+    try:
+        if _PEM_BEGIN in data:
+            if data.count(_PEM_BEGIN) != 1:
+                return False
+            x509.load_pem_x509_crl(data)
+        else:
+            x509.load_der_x509_crl(data)
+    except ValueError:
+        return False
+    return True
+
+
+# A mistyped --out must not cost a device its config or its key: as
+# 'device-agent csr --out' replaces only a CSR, these commands replace
+# only what they write themselves.
+_CHAIN = _Holding("a leaf certificate or chain", _holds_leaf_chain)
+_CRL = _Holding("a single CRL", _holds_one_crl)
+
+
 def _check_out(
     out: Path,
     directory: Path,
     option: str = "--out",
     *,
     inputs: dict[Path, str] | None = None,
-    replace: bool = True,
+    holding: _Holding | None = None,
+    force: bool = False,
 ) -> None:
     """Refuse an output that cannot be written or must not be replaced.
 
-    ``inputs`` maps the command's input files to how to name them;
-    without ``replace`` a file that exists is refused too.
+    ``inputs`` maps the command's input files to how to name them. A
+    file that exists is replaced with ``force``, or if it holds what
+    ``holding`` describes; any other is refused.
     """
 
     def refuse(problem: str) -> click.BadParameter:
@@ -285,8 +356,22 @@ def _check_out(
     for name in (*CA_FILES, REVOKED):
         if _same_file(out, directory / name):
             raise refuse(f"{out} is the CA's {name}; it is left alone")
-    if not replace:
+    if force:
+        return
+    if holding is None:
         raise refuse(f"{out} exists; --force replaces it")
+    if not _holds(out, holding):
+        raise refuse(
+            f"{out} exists and is not {holding.what}; it is left alone"
+        )
+
+
+def _holds(path: Path, holding: _Holding) -> bool:
+    try:
+        data = read_small_file(path, holding.what)
+    except FileNotFoundError:
+        return True  # gone since it was looked at: nothing to lose
+    return holding.holds(data)
 
 
 def _same_file(first: Path, second: Path) -> bool:

@@ -33,10 +33,7 @@ def evidence(directory: Path, out: Path | None) -> None:
     refused = {d for r in requirements for d in r.notes}
     json_path, md_path = evidence_module.write(requirements, out or directory)
     for requirement in requirements:
-        click.echo(
-            f"{requirement.verdict}: {requirement.name} "
-            f"({requirement.checked} devices checked)"
-        )
+        click.echo(requirement.summary)
     if refused:
         click.echo(
             f"refused at the factory (not fleet devices): "

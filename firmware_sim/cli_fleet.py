@@ -10,6 +10,7 @@ from rich.console import Console
 
 from firmware_sim import fleet as fleet_module
 from firmware_sim.params import DirectoryPath
+from firmware_sim.signals import stopped_by_signals
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,10 @@ logger = logging.getLogger(__name__)
     type=click.Choice(fleet_module.SCENARIOS),
     required=True,
     help="lifecycle (at least 5 devices), storm (identical lifetimes, "
-    "started at once; at least 2), outage (broker and registrar down "
-    "during renewals; at least 2), clone (at least 2).",
+    "started at once; at least 2, and "
+    f"{fleet_module.STORM_JUDGED_FROM} for its spread to be judged), "
+    "outage (broker and registrar down during renewals; at least 2), "
+    "clone (at least 2).",
 )
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
@@ -45,7 +48,8 @@ logger = logging.getLogger(__name__)
     default=Path("fleet-report"),
     show_default=True,
     help="Where the report and the run's files go; a previous run's "
-    "files in OUT/run are replaced (said on stderr).",
+    "files in OUT/run are replaced (said on stderr). One run at a time "
+    "may use it.",
 )
 def fleet(
     count: int,
@@ -67,18 +71,24 @@ def fleet(
             param_hint="--devices",
         )
     # Refuse a scenario it cannot run before saying anything else.
-    fleet_module.plan(scenario, count, seed, software_keys, lifetime)
-    if (out / "run").exists():
-        click.echo(f"replacing the previous run in {out / 'run'}", err=True)
-    console = Console(stderr=True)
-    outcome, _ = fleet_module.run(
-        scenario, count, seed, out, software_keys, lifetime, console
+    the_plan = fleet_module.plan(
+        scenario, count, seed, software_keys, lifetime
     )
-    paths = report.write(outcome, out)
-    for name, passed in sorted(outcome.checks.items()):
-        click.echo(f"{'pass' if passed else 'FAIL'}: {name}")
+    console = Console(stderr=True)
+    with stopped_by_signals(), fleet_module.OutDir(out) as held:
+        if held.run_dir.exists():
+            click.echo(
+                f"replacing the previous run in {out / 'run'}", err=True
+            )
+        outcome, _ = held.run(the_plan, console)
+        paths = report.write(outcome, out)
+    for name in sorted(outcome.checks):
+        why = outcome.unjudged.get(name)
+        click.echo(
+            f"{outcome.verdict(name)}: {name}" + (f"; {why}" if why else "")
+        )
     click.echo(f"report: {paths['markdown']} and {paths['json']}")
-    failed = [name for name, passed in outcome.checks.items() if not passed]
+    failed = outcome.failed
     if failed:
         raise fleet_module.FleetError(
             f"{len(failed)} check(s) failed, first: {failed[0]}; see "

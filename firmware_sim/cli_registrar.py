@@ -28,8 +28,8 @@ from firmware_sim.ca import (
 )
 from firmware_sim.errors import CAError, SimError
 from firmware_sim.params import (
+    CertificateFile,
     DirectoryPath,
-    RegularFile,
     ca_name,
     directory_option,
 )
@@ -185,9 +185,9 @@ def init(ctx: click.Context, directory: Path, name: str) -> None:
 )
 @click.option(
     "--ca-file",
-    type=RegularFile(),
+    type=CertificateFile(),
     required=True,
-    help="Trust anchor of the broker's certificate.",
+    help="Trust anchor of the broker's certificate (PEM).",
 )
 @click.option(
     "--lifetime",

@@ -38,6 +38,9 @@ TPM_BLOB = b"-----BEGIN TSS2 PRIVATE KEY-----"
 MAX_OPERATIONAL_GENERATIONS = 2
 
 
+NOT_DEMONSTRATED = "not demonstrated in this run"
+
+
 class EvidenceError(SimError):
     """The records or devices to judge cannot be found or read."""
 
@@ -56,6 +59,8 @@ class Requirement:
     undemonstrated: dict[str, str] = dataclasses.field(default_factory=dict)
     # Not fleet devices but worth saying: boards the factory refused.
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    # What the run lacked, said when no device could show the requirement.
+    lacking: str = "no device to check"
 
     @property
     def met(self) -> bool:
@@ -73,8 +78,21 @@ class Requirement:
         if self.check.startswith("not run"):
             return "not run"
         if self.checked <= len(self.undemonstrated):
-            return "not demonstrated in this run"
+            return NOT_DEMONSTRATED
         return "met"
+
+    @property
+    def summary(self) -> str:
+        """The verdict in one line, with what was and was not checked."""
+        head = f"{self.verdict}: {self.name}"
+        if self.verdict != NOT_DEMONSTRATED:
+            return f"{head} ({self.checked} devices checked)"
+        if not self.checked:
+            return f"{head} ({self.lacking})"
+        return (
+            f"{head} ({self.lacking}; the rest of its check held on "
+            f"{self.checked} devices)"
+        )
 
     def fail(self, device_id: str, why: str) -> None:
         self.failures.setdefault(device_id, why)
@@ -468,6 +486,7 @@ def _rotation(
         "key each time; the registrar records every issuance",
         "every active device holds the newest operational certificate the "
         "registrar issued to it, and was renewed at least once",
+        lacking="no certificate was due for renewal before the run ended",
     )
     if sources.registrar is None:
         requirement.check = "not run: no registrar records in this directory"
@@ -525,6 +544,7 @@ def _revocation(
         "every certificate of a revoked or decommissioned device is in "
         "its CA's revocation records; the broker's CRL lists them and "
         "was current when last published",
+        lacking="no device was revoked or decommissioned",
     )
     if operational_ca is None:
         requirement.check = "not run: no registrar records in this directory"
@@ -567,6 +587,7 @@ def _secure_reset(
         "deleted once their successor works",
         "no device holds more than the current and previous operational "
         "generation, and every device still holds its IDevID",
+        lacking="no device held an operational identity to reset",
     )
     for device in devices:
         requirement.checked += 1

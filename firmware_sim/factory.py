@@ -220,18 +220,24 @@ class FactoryLine(Database):
         return [(str(a), str(b), str(c)) for a, b, c in rows]
 
     def _refuse_known_serial(self, device: SimDevice) -> None:
+        """Refuse a serial or id made before, saying which of the two."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT device_id FROM manufactured "
-                "WHERE device_serial = ? OR device_id = ?",
-                (device.serial, device.device_id),
+            serial_owner = self._db.execute(
+                "SELECT device_id FROM manufactured WHERE device_serial = ?",
+                (device.serial,),
             ).fetchone()
-        if row is not None:
-            self._refuse(
-                device,
-                f"device serial {device.serial} or id {device.device_id} "
-                f"was already manufactured (as {row[0]})",
-            )
+            id_serial = self._db.execute(
+                "SELECT device_serial FROM manufactured WHERE device_id = ?",
+                (device.device_id,),
+            ).fetchone()
+
+        reason = _collision(
+            device,
+            None if serial_owner is None else str(serial_owner[0]),
+            None if id_serial is None else str(id_serial[0]),
+        )
+        if reason is not None:
+            self._refuse(device, reason)
 
     def _refuse_known_key(self, device: SimDevice, key_print: str) -> None:
         with self._lock:
@@ -310,6 +316,39 @@ def ek_ca_config(directory: Path) -> Path:
         "active_pcr_banks = sha256\n"
     )
     return setup
+
+
+def _collision(
+    device: SimDevice, serial_owner: str | None, id_serial: str | None
+) -> str | None:
+    """Why ``device`` collides with a board the line made, if it does.
+
+    ``serial_owner`` is the id made with the device's serial, and
+    ``id_serial`` the serial made with its id.
+    """
+    serial, device_id = device.serial, device.device_id
+    if serial_owner is not None and id_serial is not None:
+        if serial_owner == device_id:
+            return (
+                f"device {device_id} with serial {serial} was already "
+                "manufactured"
+            )
+        return (
+            f"device serial {serial} and id {device_id} were both already "
+            f"manufactured: the serial as {serial_owner}, the id with "
+            f"serial {id_serial}"
+        )
+    if serial_owner is not None:
+        return (
+            f"device serial {serial} was already manufactured (as "
+            f"{serial_owner})"
+        )
+    if id_serial is not None:
+        return (
+            f"device id {device_id} was already manufactured (with serial "
+            f"{id_serial})"
+        )
+    return None
 
 
 def _check_subject(

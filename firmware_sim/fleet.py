@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import itertools
 import json
 import logging
@@ -72,6 +73,8 @@ SCENARIOS = ("lifecycle", "storm", "outage", "clone")
 MINIMUM_DEVICES = {"lifecycle": 5, "storm": 2, "outage": 2, "clone": 2}
 MONITOR = "monitor"
 HEARTBEATS = "devices/+/heartbeat"
+# In --out: locked by the run that uses the directory; see OutDir.
+LOCK_FILE = ".fleet.lock"
 
 KEEP = "keep"
 REVOKE = "revoke"
@@ -98,6 +101,14 @@ CRL_LIFETIME = datetime.timedelta(minutes=10)
 # buckets expecting less than one request measures only noise.
 STORM_MAX_BUCKETS = 10
 STORM_PER_BUCKET = 4
+# The busiest bucket may hold at most this many times the mean.
+STORM_PEAK_LIMIT = 2
+# No bucket holds more than all requests, which is the mean times the
+# bucket count: with STORM_PEAK_LIMIT buckets or fewer the check passes
+# however the renewals fell (1.00 with one bucket), so it is judged only
+# for fleets large enough for one bucket more.
+STORM_JUDGED_FROM = (STORM_PEAK_LIMIT + 1) * STORM_PER_BUCKET
+STORM_CHECK = "storm: busiest bucket at most twice the mean"
 
 
 class FleetError(SimError):
@@ -210,7 +221,9 @@ class Outcome:
     finished: float = 0.0
     reached: dict[str, bool] = dataclasses.field(default_factory=dict)
     final: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    checks: dict[str, bool] = dataclasses.field(default_factory=dict)
+    # None for a check this run cannot decide; ``unjudged`` says why.
+    checks: dict[str, bool | None] = dataclasses.field(default_factory=dict)
+    unjudged: dict[str, str] = dataclasses.field(default_factory=dict)
     details: dict[str, str] = dataclasses.field(default_factory=dict)
     beats: list[Beat] = dataclasses.field(default_factory=list)
     events: list[tuple[float, str, str]] = dataclasses.field(
@@ -231,6 +244,27 @@ class Outcome:
         self.checks[name] = bool(passed)
         if detail:
             self.details[name] = detail
+
+    def not_judged(self, name: str, reason: str, detail: str = "") -> None:
+        """A check this run cannot decide either way, and why not."""
+        self.checks[name] = None
+        self.unjudged[name] = reason
+        if detail:
+            self.details[name] = detail
+
+    def verdict(self, name: str) -> str:
+        """ "pass", "FAIL" or "not judged" for the check ``name``."""
+        passed = self.checks[name]
+        if passed is None:
+            return "not judged"
+        return "pass" if passed else "FAIL"
+
+    @property
+    def failed(self) -> list[str]:
+        """The checks that failed; one not judged has not failed."""
+        return [
+            name for name, passed in self.checks.items() if passed is False
+        ]
 
     def event(self, kind: str, detail: str) -> None:
         self.events.append((time.time(), kind, detail))
@@ -432,8 +466,10 @@ class Fleet:
                     "the scenario ran to its end", False, str(exc)
                 )
             finally:
-                self._judge_unsettled()
-                self._stop_all()
+                try:
+                    self._judge_unsettled()
+                finally:
+                    self._stop_all()
                 self.outcome.beats = world.beats_copy()
                 self._collect_records()
         self.outcome.finished = time.time()
@@ -967,12 +1003,7 @@ class Fleet:
             settings["renew_fraction"] * lifetime,
             settings["renew_jitter"] * lifetime,
         )
-        self.outcome.check(
-            "storm: busiest bucket at most twice the mean",
-            storm_spread_ok(self.outcome.storm),
-            f"busiest {self.outcome.storm.get('peak', 0)}, peak over mean "
-            f"{self.outcome.storm['peak_over_mean']:.2f}",
-        )
+        judge_storm(self.outcome, len(self._genuine()))
 
     def _sample_memory(self) -> None:
         """Add up the resident memory of everything the fleet runs."""
@@ -997,18 +1028,20 @@ class Fleet:
         )
 
     def _stop_all(self) -> None:
-        for rack in self.racks:
-            rack.stop()
-        devices = list(self.devices.values())
-        with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-            list(pool.map(lambda d: d.stop(), devices))
-        for device in devices:
-            try:
-                device.stop_tpm()
-            except Exception as exc:
-                logger.warning(
-                    "%s: TPM not stopped: %s", device.device_id, exc
-                )
+        """Stop every agent, rack and swtpm the run started.
+
+        One that fails to stop is logged and the others are stopped all
+        the same; the TPMs go last, as the agents use them, but they go
+        even when stopping the agents was cut short.
+        """
+        try:
+            stops = [(rack.log_path.name, rack.stop) for rack in self.racks]
+            stops += [(d.device_id, d.stop) for d in self.devices.values()]
+            with ThreadPoolExecutor(SETUP_WORKERS) as pool:
+                list(pool.map(_stop_quietly, stops))
+        finally:
+            for device in self.devices.values():
+                _stop_quietly((f"{device.device_id} TPM", device.stop_tpm))
 
     def _collect_records(self) -> None:
         world = self.world
@@ -1101,6 +1134,24 @@ def storm_spread(
     }
 
 
+def judge_storm(outcome: Outcome, devices: int) -> None:
+    """The storm check over ``outcome.storm``, or why it is not judged."""
+    storm = outcome.storm
+    detail = (
+        f"busiest {storm.get('peak', 0)}, peak over mean "
+        f"{storm['peak_over_mean']:.2f}"
+    )
+    if devices < STORM_JUDGED_FROM:
+        outcome.not_judged(
+            STORM_CHECK,
+            f"{devices} devices are too few for the spread statistic (at "
+            f"least {STORM_JUDGED_FROM} needed)",
+            detail,
+        )
+        return
+    outcome.check(STORM_CHECK, storm_spread_ok(storm), detail)
+
+
 def storm_spread_ok(storm: dict[str, Any]) -> bool:
     """Whether the busiest bucket holds at most twice the mean.
 
@@ -1109,7 +1160,17 @@ def storm_spread_ok(storm: dict[str, Any]) -> bool:
     """
     if not storm.get("requests"):
         return False
-    return bool(storm["peak"] <= 1 or storm["peak_over_mean"] <= 2.0)
+    return bool(
+        storm["peak"] <= 1 or storm["peak_over_mean"] <= STORM_PEAK_LIMIT
+    )
+
+
+def _stop_quietly(stop: tuple[str, Callable[[], None]]) -> None:
+    name, action = stop
+    try:
+        action()
+    except Exception as exc:
+        logger.warning("%s not stopped: %s", name, exc)
 
 
 def _rss_kib(pid: int) -> int:
@@ -1158,18 +1219,90 @@ def run(
     lifetime: int | None = None,
     console: Console | None = None,
 ) -> tuple[Outcome, Path]:
-    """Run a scenario; the world and devices live in ``out``/run."""
+    """Run a scenario; the world and devices live in ``out``/run.
+
+    ``out`` is held for the run: see :class:`OutDir`.
+    """
     the_plan = plan(scenario, count, seed, software_keys, lifetime)
-    out = Path(out).absolute()
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    workdir = out / "run"
-    if workdir.exists():
-        logger.info("replacing the previous run in %s", workdir)
-        shutil.rmtree(workdir)
-    workdir.mkdir(mode=0o700)
-    fleet = Fleet(the_plan, workdir, console)
+    with OutDir(out) as held:
+        return held.run(the_plan, console)
+
+
+class OutDir:
+    """A fleet's --out directory, which one run at a time may use.
+
+    The lock is taken before anything in the directory is replaced and
+    held until the run is over (the report written, for a caller that
+    writes it inside): a second run would otherwise delete the first's
+    devices while their swtpm and agents still run.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).absolute()
+        self._fd: int | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the world and devices of the run live."""
+        return self.path / "run"
+
+    def __enter__(self) -> OutDir:
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(
+            self.path / LOCK_FILE,
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise FleetError(
+                f"{self.path} is in use by another fleet run{holder}"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+
+        # The pid is only for the message of a run that is refused.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            # Closing releases the lock. The file stays: removing it
+            # would let a run that opened it just before lock a file
+            # no one else can find.
+            os.close(self._fd)
+            self._fd = None
+
+    def run(
+        self, the_plan: Plan, console: Console | None = None
+    ) -> tuple[Outcome, Path]:
+        """Run ``the_plan`` in :attr:`run_dir`, replacing a previous run."""
+        if self._fd is None:
+            raise FleetError(f"{self.path} is not held: use 'with OutDir'")
+        workdir = self.run_dir
+        if workdir.exists():
+            logger.info("replacing the previous run in %s", workdir)
+            shutil.rmtree(workdir)
+        workdir.mkdir(mode=0o700)
+
+        fleet = Fleet(the_plan, workdir, console)
+        try:
+            outcome = fleet.run()
+        except DeviceError as exc:
+            raise FleetError(str(exc)) from None
+        return outcome, workdir
+
+
+def _lock_holder(fd: int) -> str:
+    """ " (pid N)" naming the run that holds the lock, if it says."""
     try:
-        outcome = fleet.run()
-    except DeviceError as exc:
-        raise FleetError(str(exc)) from None
-    return outcome, workdir
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {pid})"

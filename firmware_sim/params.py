@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from cryptography import x509
 
-from firmware_sim.ca import check_name
+from firmware_sim.ca import check_name, read_small_file
 from firmware_sim.errors import CAError
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -38,6 +39,31 @@ class RegularFile(NonEmptyPath):
         path = super().convert(value, param, ctx)
         if not Path(path).is_file():
             self.fail(f"{path} is not a regular file", param, ctx)
+        return path
+
+
+class CertificateFile(RegularFile):
+    """A regular file holding at least one PEM certificate, as TLS wants.
+
+    Found out by TLS, a file without one (a key given by mistake, say)
+    shows up only as a broker certificate that cannot be verified.
+    """
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: Any
+    ) -> Any:
+        path = super().convert(value, param, ctx)
+        try:
+            data = read_small_file(Path(path), "a certificate file")
+        except (OSError, CAError) as exc:
+            self.fail(str(exc), param, ctx)
+
+        try:
+            certificates = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            certificates = []
+        if not certificates:
+            self.fail(f"{path} holds no PEM certificate", param, ctx)
         return path
 
 

@@ -20,9 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from firmware_sim.fleet import Outcome
+from firmware_sim.fleet import STORM_CHECK, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def deterministic(outcome: Outcome) -> dict[str, Any]:
         "plan": outcome.plan.as_dict(),
         "reached": dict(sorted(outcome.reached.items())),
         "checks": dict(sorted(outcome.checks.items())),
+        "not_judged": dict(sorted(outcome.unjudged.items())),
     }
 
 
@@ -152,8 +154,8 @@ def _markdown(
         "| check | result | detail |",
         "|---|---|---|",
     ]
-    for name, passed in sorted(outcome.checks.items()):
-        verdict = "pass" if passed else "**FAIL**"
+    for name in sorted(outcome.checks):
+        verdict = _verdict(outcome, name)
         lines.append(
             f"| {name} | {verdict} | {outcome.details.get(name, '')} |"
         )
@@ -190,6 +192,10 @@ def _markdown(
             f"window {storm['mean']:.1f}, peak over mean "
             f"**{storm['peak_over_mean']:.2f}**.",
         ]
+        if STORM_CHECK in outcome.unjudged:
+            lines[-1] += (
+                f" The spread is not judged: {outcome.unjudged[STORM_CHECK]}."
+            )
 
     for title, key in (
         ("Renewals over time", "renewals"),
@@ -205,6 +211,15 @@ def _markdown(
     for name, seconds in figures["phases_s"].items():
         lines.append(f"- {name}: {seconds:.1f} s")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(outcome: Outcome, name: str) -> str:
+    """The result of a check: FAIL in bold, and why one is not judged."""
+    verdict = outcome.verdict(name)
+    if verdict == "FAIL":
+        return "**FAIL**"
+    why = outcome.unjudged.get(name)
+    return f"{verdict}: {why}" if why else verdict
 
 
 def _records_markdown(outcome: Outcome) -> list[str]:
@@ -276,23 +291,18 @@ def _key_stores(outcome: Outcome) -> str:
     return "; ".join(parts)
 
 
-# How each intervention is drawn on the renewals plot.
+# The colour of each intervention on the renewals plot, in row order.
 _INTERVENTIONS = {
-    "revoke": ("tab:red", "-"),
-    "decommission": ("tab:purple", "--"),
-    "reset": ("tab:orange", ":"),
-    "outage": ("tab:gray", "-."),
+    "revoke": "tab:red",
+    "decommission": "tab:purple",
+    "reset": "tab:orange",
+    "outage": "tab:gray",
 }
-# Revocations and decommissions happen in the same second: the later
-# kinds are drawn thinner and on top, so a line at the same moment as
-# a wider one stays visible inside it.
-_WIDTHS = {"revoke": 4.0, "decommission": 2.0, "reset": 1.5, "outage": 1.5}
-_LAYERS = {"revoke": 2, "decommission": 3, "reset": 4, "outage": 4}
 OUTAGE_DOWN = "broker and registrar down"
 
 
 def intervention_counts(outcome: Outcome) -> dict[str, int]:
-    """How many of each intervention the run made, for the legend.
+    """How many of each intervention the run made, for the plot's labels.
 
     An outage is two events (down, back) but one outage.
     """
@@ -306,46 +316,106 @@ def intervention_counts(outcome: Outcome) -> dict[str, int]:
 
 
 def _plot_renewals(outcome: Outcome, path: Path) -> Path:
-    figure, axes = plt.subplots(figsize=(8, 4))
+    return _save(renewals_figure(outcome), path)
+
+
+def renewals_figure(outcome: Outcome) -> Figure:
+    """Certificates issued over time, and the interventions below them."""
+    counts = intervention_counts(outcome)
+    kinds = [kind for kind in _INTERVENTIONS if kind in counts]
+    # Revocations and decommissions happen in the same second, so lines
+    # across the plot would hide each other: each kind gets a row of
+    # its own in a strip below, on the same time axis.
+    figure, axes_list = plt.subplots(
+        2 if kinds else 1,
+        1,
+        sharex=True,
+        squeeze=False,
+        figsize=(8, 4 + 0.3 * len(kinds)),
+        height_ratios=[4, 0.5 + 0.4 * len(kinds)] if kinds else [1],
+        layout="constrained",
+    )
+    axes = axes_list[0][0]
     times = sorted(i["issued_at"] - outcome.started for i in outcome.issuances)
     axes.step(
         times,
         range(1, len(times) + 1),
         where="post",
         color="tab:blue",
-        label="certificates issued",
+        zorder=3,
     )
-    counts = intervention_counts(outcome)
-    labelled: set[str] = set()
-    for at, kind, _ in outcome.events:
-        if kind not in _INTERVENTIONS:
-            continue
-        color, style = _INTERVENTIONS[kind]
-        label = None
-        if kind not in labelled:
-            labelled.add(kind)
-            label = f"{kind} ({counts[kind]})"
+    # A plain guide at each moment something was done; the strip says
+    # what, so no kind's line lies over another's.
+    moments = {at for at, kind, _ in outcome.events if kind in _INTERVENTIONS}
+    for at in sorted(moments):
         axes.axvline(
-            at - outcome.started,
-            color=color,
-            linestyle=style,
-            linewidth=_WIDTHS[kind],
-            zorder=_LAYERS[kind],
-            alpha=0.7,
-            label=label,
+            at - outcome.started, color="0.5", linestyle=":", linewidth=1
         )
-    axes.set_xlabel("seconds since the run started")
     axes.set_ylabel("operational certificates issued")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title("Enrollments and renewals over time, with interventions")
-    axes.legend(loc="upper left", fontsize="small")
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    bottom = axes
+    if kinds:
+        bottom = axes_list[1][0]
+        _draw_interventions(bottom, outcome, kinds, counts)
+    bottom.set_xlabel("seconds since the run started")
+    return figure
+
+
+def _draw_interventions(
+    axes: Any, outcome: Outcome, kinds: list[str], counts: dict[str, int]
+) -> None:
+    """One row per kind of intervention: a tick each, a bar per outage."""
+    for row, kind in enumerate(kinds):
+        color = _INTERVENTIONS[kind]
+        if kind == "outage":
+            spans = _outage_spans(outcome)
+            axes.broken_barh(spans, (row - 0.3, 0.6), color=color)
+            continue
+        moments = [
+            at - outcome.started
+            for at, made, _ in outcome.events
+            if made == kind
+        ]
+        axes.plot(
+            moments,
+            [row] * len(moments),
+            linestyle="none",
+            marker="|",
+            markersize=14,
+            markeredgewidth=2,
+            color=color,
+        )
+
+    axes.set_yticks(
+        range(len(kinds)), [f"{kind} ({counts[kind]})" for kind in kinds]
+    )
+    axes.set_ylim(len(kinds) - 0.5, -0.5)
+    axes.grid(axis="x", alpha=0.3)
+
+
+def _outage_spans(outcome: Outcome) -> list[tuple[float, float]]:
+    """(start, length) of each outage; one never ended lasts to the end."""
+    spans = []
+    down: float | None = None
+    for at, kind, detail in outcome.events:
+        if kind != "outage":
+            continue
+        moment = at - outcome.started
+        if detail.startswith(OUTAGE_DOWN):
+            down = moment
+        elif down is not None:
+            spans.append((down, moment - down))
+            down = None
+    if down is not None:
+        spans.append((down, outcome.finished - outcome.started - down))
+    return spans
 
 
 def _plot_storm(outcome: Outcome, path: Path) -> Path:
     storm = outcome.storm
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure, axes = plt.subplots(figsize=(8, 4), layout="constrained")
     starts = [
         storm["first_s"] + n * storm["bucket_s"]
         for n in range(len(storm["buckets"]))
@@ -372,7 +442,7 @@ def _plot_storm(outcome: Outcome, path: Path) -> Path:
 
 
 def _plot_expiry(outcome: Outcome, path: Path) -> Path:
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure, axes = plt.subplots(figsize=(8, 4), layout="constrained")
     latest: dict[str, float] = {}
     for issued in outcome.issuances:
         latest[issued["device_id"]] = issued["not_after"]
@@ -391,10 +461,17 @@ def _plot_expiry(outcome: Outcome, path: Path) -> Path:
 
 
 def _plot_gaps(outcome: Outcome, path: Path) -> Path:
+    return _save(gaps_figure(outcome), path)
+
+
+def gaps_figure(outcome: Outcome) -> Figure:
+    """Each device's longest silence, as a bar, against two heartbeats."""
     longest = gaps(outcome)
     roles = {d.device_id: d.role for d in outcome.plan.devices}
     names = list(longest)
-    figure, axes = plt.subplots(figsize=(8, max(3, 0.18 * len(names) + 1)))
+    figure, axes = plt.subplots(
+        figsize=(8, max(3, 0.18 * len(names) + 1)), layout="constrained"
+    )
     colours = [
         "tab:blue" if roles.get(n) == "keep" else "tab:orange" for n in names
     ]
@@ -413,12 +490,12 @@ def _plot_gaps(outcome: Outcome, path: Path) -> Path:
     axes.set_title(
         "Connection gaps per device (orange: revoked, reset or decommissioned)"
     )
-    axes.legend(loc="lower right", framealpha=0.9)
-    return _save(figure, path)
+    # Inside the axes the legend would cover the bars of some devices.
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return figure
 
 
-def _save(figure: Any, path: Path) -> Path:
-    figure.tight_layout()
+def _save(figure: Figure, path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 from click.testing import CliRunner
 from conftest import edge_command
@@ -37,3 +38,29 @@ def tree(root):
             what = None
         tree[str(path.relative_to(root))] = (info.st_mode, what)
     return tree
+
+
+def alive(pid):
+    """Whether ``pid`` runs; a zombie that init has yet to reap does not."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def swtpm_pids(directory):
+    """Live swtpm processes whose command line names ``directory``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        is_swtpm = cmdline.split(b"\0")[0].endswith(b"swtpm")
+        named = os.fsencode(directory) in cmdline
+        if is_swtpm and named and alive(int(proc.name)):
+            pids.append(int(proc.name))
+    return pids

@@ -8,7 +8,7 @@ import stat
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import (
     PolicyBuilder,
@@ -17,7 +17,7 @@ from cryptography.x509.verification import (
 )
 from sim_cli import assert_refused, invoke, tree
 
-from firmware_sim.ca import MAX_DAYS, CertificateAuthority
+from firmware_sim.ca import MAX_DAYS, CertificateAuthority, chain_pem
 from firmware_sim.errors import CAError
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -458,11 +458,12 @@ def test_cli_init_refuses_bad_input_in_one_line(tmp_path, args, named):
 @pytest.fixture
 def signing(tmp_path):
     """A CA, a CSR file and the tree of tmp_path, for 'ca sign' refusals."""
-    CertificateAuthority.create(tmp_path / "ca")
+    ca = CertificateAuthority.create(tmp_path / "ca")
     csr_file = tmp_path / "device.csr"
     csr_file.write_bytes(make_csr().public_bytes(serialization.Encoding.PEM))
     (tmp_path / "file").write_text("x")
-    (tmp_path / "old.pem").write_text("old chain")
+    old_chain, _ = ca.issue_client_cert("old-device")
+    (tmp_path / "old.pem").write_bytes(chain_pem(old_chain))
     (tmp_path / "dir").mkdir()
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "link.pem").symlink_to(tmp_path / "old.pem")
@@ -540,3 +541,64 @@ def _sign(directory, out):
     csr_file = str(directory / "device.csr")
     ca_dir = str(directory / "ca")
     return invoke(["ca", "sign", csr_file, "--out", str(out), "--dir", ca_dir])
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda: rsa.generate_private_key(65537, 1024), "RSA key of 1024"),
+        (lambda: ec.generate_private_key(ec.SECP256K1()), "secp256k1"),
+        (lambda: ec.generate_private_key(ec.SECP192R1()), "secp192r1"),
+    ],
+)
+def test_the_ca_refuses_to_sign_for_a_weak_key(tmp_path, make, named):
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak-1")])
+        )
+        .sign(make(), hashes.SHA256())
+    )
+    with pytest.raises(CAError, match=named):
+        ca.sign_csr(request)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rsa.generate_private_key(65537, 2048),
+        lambda: ec.generate_private_key(ec.SECP384R1()),
+    ],
+)
+def test_the_ca_signs_for_keys_of_todays_strength(tmp_path, make):
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ok-1")])
+        )
+        .sign(make(), hashes.SHA256())
+    )
+    leaf, _ = ca.sign_csr(request)
+    assert leaf.public_key() == request.public_key()
+
+
+def test_a_lifetime_past_the_intermediate_is_refused_naming_the_most(
+    tmp_path,
+):
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "long-1")])
+        )
+        .sign(key, hashes.SHA256())
+    )
+    expiry = ca.intermediate.not_valid_after_utc
+    with pytest.raises(CAError, match="outlives the CA's intermediate") as e:
+        ca.sign_csr(request, days=36500)
+    most = int(str(e.value).rsplit("at most ", 1)[1].split()[0])
+    leaf, _ = ca.sign_csr(request, days=most)
+    assert leaf.not_valid_after_utc <= expiry

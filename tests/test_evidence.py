@@ -155,3 +155,19 @@ def test_secure_reset_on_a_line_is_not_demonstrated(fresh):
 
     assert reset.met and reset.checked == 3
     assert reset.verdict == "not demonstrated in this run"
+
+
+def test_cli_says_what_a_run_could_not_show_and_what_it_checked(fresh):
+    result = invoke(["evidence", str(fresh)])
+
+    assert result.exit_code == 0, result.output
+    assert (
+        "not demonstrated in this run: secure reset (no device held an "
+        "operational identity to reset; the rest of its check held on 3 "
+        "devices)\n"
+    ) in result.output
+    assert "met: private key never exported (3 devices checked)\n" in (
+        result.output
+    )
+    nothing = evidence.Requirement("x", "how", "check", lacking="no y")
+    assert nothing.summary == "not demonstrated in this run: x (no y)"

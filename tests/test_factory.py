@@ -81,6 +81,33 @@ def test_duplicate_serial_is_refused_before_any_key_is_made(
     assert line.refusals()[0][:2] == ("SN-1", "sim-2")
 
 
+def test_refusal_names_which_of_serial_and_id_was_made_before(
+    tmp_path, factory_ca, line
+):
+    for name, serial in (("sim-1", "SN-1"), ("sim-2", "SN-2")):
+        made = make_device(tmp_path, name, serial)
+        configure(made, factory_ca)
+        line.manufacture(made)
+    reasons = {
+        ("other-1", "SN-1"): "device serial SN-1 was already manufactured "
+        "(as sim-1)",
+        ("sim-1", "SN-9"): "device id sim-1 was already manufactured (with "
+        "serial SN-1)",
+        ("sim-2", "SN-1"): "device serial SN-1 and id sim-2 were both "
+        "already manufactured: the serial as sim-1, the id with serial SN-2",
+        ("sim-1", "SN-1"): "device sim-1 with serial SN-1 was already "
+        "manufactured",
+    }
+
+    for (name, serial), reason in reasons.items():
+        device = make_device(tmp_path / "again", name, serial)
+        with pytest.raises(CloneError) as refused:
+            line.check_new(device)
+        assert str(refused.value) == reason
+
+    assert [r.device_id for r in line.records()] == ["sim-1", "sim-2"]
+
+
 def test_copied_key_is_refused_as_a_clone(tmp_path, factory_ca, line):
     original = make_device(tmp_path, "sim-1", "SN-1")
     configure(original, factory_ca)
@@ -121,6 +148,10 @@ def test_cli_factory_makes_devices_and_refuses_a_known_serial(tmp_path):
     again = invoke([*args[:-4], "--count", "1", "--prefix", "other",
                     "--serial-base", "SN-100"])  # fmt: skip
     assert_refused(again, "SN-100")
+    assert "device serial SN-100-0001 was already manufactured (as " in (
+        again.output
+    )
+    assert "other-0001" not in again.output
     ids = [
         x509.load_pem_x509_certificate(
             (p / "state/idevid/current/chain.pem").read_bytes()

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import signal
 import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
-from sim_cli import assert_refused, invoke
+from sim_cli import alive, assert_refused, invoke, swtpm_pids
 
+from device_agent.agent import running_pid
 from firmware_sim import evidence, fleet, report
+from firmware_sim.device import DeviceError, SimDevice
 from firmware_sim.registry import DECOMMISSIONED, Registry
 from firmware_sim.revocation import (
     CrlPublisher,
@@ -289,3 +297,222 @@ def test_report_names_the_clone_counts_outages_and_clears_old_plots(
     assert not (tmp_path / "storm.png").exists()
     title = paths["markdown"].read_text().splitlines()[0]
     assert "3 devices and a clone" in title, title
+
+
+def test_storm_spread_of_too_few_devices_is_not_judged(tmp_path):
+    """With two buckets or one the check passes whatever happened."""
+    small = fleet.Outcome(fleet.plan("storm", 11, 1))
+    small.storm = fleet.storm_spread([21.0] * 11, 20.0, 10.0)
+    large = fleet.Outcome(fleet.plan("storm", 12, 1))
+    large.storm = fleet.storm_spread([21.0] * 12, 20.0, 10.0)
+
+    fleet.judge_storm(small, 11)
+    fleet.judge_storm(large, 12)
+
+    reason = (
+        "11 devices are too few for the spread statistic (at least 12 needed)"
+    )
+    assert small.checks[fleet.STORM_CHECK] is None
+    assert small.verdict(fleet.STORM_CHECK) == "not judged"
+    assert small.unjudged == {fleet.STORM_CHECK: reason}
+    assert small.failed == []
+    assert large.verdict(fleet.STORM_CHECK) == "FAIL"
+    assert large.failed == [fleet.STORM_CHECK]
+    paths = report.write(small, tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert f"| {fleet.STORM_CHECK} | not judged: {reason} |" in markdown
+    assert f"The spread is not judged: {reason}." in markdown
+    data = json.loads(paths["json"].read_text())["deterministic"]
+    assert data["checks"][fleet.STORM_CHECK] is None
+    assert data["not_judged"] == {fleet.STORM_CHECK: reason}
+
+
+def test_cli_storm_of_three_devices_says_not_judged(tmp_path):
+    out = tmp_path / "report"
+
+    result = invoke([
+        "fleet", "--devices", "3", "--scenario", "storm",
+        "--software-keys", "--lifetime", "8", "--out", str(out),
+    ])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert (
+        f"not judged: {fleet.STORM_CHECK}; 3 devices are too few for the "
+        "spread statistic (at least 12 needed)\n"
+    ) in result.output
+    assert f"pass: {fleet.STORM_CHECK}" not in result.output
+
+
+def test_out_dir_is_held_by_one_run_at_a_time(tmp_path):
+    with fleet.OutDir(tmp_path / "out"):
+        second = fleet.OutDir(tmp_path / "out")
+        with pytest.raises(fleet.FleetError) as refused:
+            second.__enter__()
+    with fleet.OutDir(tmp_path / "out") as again:
+        assert again.run_dir == tmp_path / "out" / "run"
+
+    assert str(refused.value) == (
+        f"{tmp_path / 'out'} is in use by another fleet run "
+        f"(pid {os.getpid()})"
+    )
+
+
+def test_second_fleet_run_on_one_out_is_refused_and_sigterm_stops_all(
+    tmp_path,
+):
+    """The second run leaves the first alone; SIGTERM leaves nothing."""
+    out = tmp_path / "report"
+    first = subprocess.Popen(
+        [
+            sys.executable, "-m", "firmware_sim", "fleet",
+            "--devices", "2", "--scenario", "storm", "--lifetime", "300",
+            "--out", str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        agents = _wait_for_agents(first, out / "run" / "devices", 2)
+        tpms = swtpm_pids(out)
+        assert len(tpms) == 2
+        brokers = _children(first.pid, b"mosquitto")
+        assert len(brokers) == 1
+
+        second = invoke([
+            "fleet", "--devices", "2", "--scenario", "clone",
+            "--software-keys", "--out", str(out),
+        ])  # fmt: skip
+
+        assert_refused(
+            second, f"{out} is in use by another fleet run (pid {first.pid})"
+        )
+        assert all(alive(pid) for pid in [*agents, *tpms, *brokers])
+        assert first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=90)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+    assert first.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.splitlines()[-1] == "error: stopped by SIGTERM"
+    assert [pid for pid in [*agents, *tpms, *brokers] if alive(pid)] == []
+    assert swtpm_pids(out) == []
+    with fleet.OutDir(out):
+        pass
+
+
+class _Interrupted(BaseException):
+    """Stands in for Ctrl-C in the middle of a scenario."""
+
+
+def test_interrupted_fleet_stops_every_tpm_when_an_agent_stop_fails(
+    tmp_path, monkeypatch
+):
+    stop = SimDevice.stop
+    failed = []
+
+    def stop_then_fail(device, timeout=1.0):
+        stop(device, timeout)
+        if not failed:
+            failed.append(device.device_id)
+            raise DeviceError(f"{device.device_id}: will not stop")
+
+    def interrupt(self, issued_at):
+        raise _Interrupted
+
+    monkeypatch.setattr(SimDevice, "stop", stop_then_fail)
+    monkeypatch.setattr(fleet.Fleet, "_wait_storm", interrupt)
+    out = tmp_path / "report"
+
+    with pytest.raises(_Interrupted):
+        fleet.run("storm", 2, 1, out, lifetime=300)
+
+    assert failed
+    assert swtpm_pids(out) == []
+    for device in (out / "run" / "devices").iterdir():
+        assert running_pid(device / "state") is None
+
+
+def _wait_for_agents(process, devices, count):
+    """The pids of ``count`` agents running under ``devices``."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the fleet ended early: {process.stderr.read()}")
+        states = sorted(devices.glob("*/state")) if devices.is_dir() else []
+        pids = [running_pid(state) for state in states]
+        if len(pids) == count and None not in pids:
+            return pids
+        time.sleep(0.2)
+    pytest.fail("the fleet's agents did not start in time")
+
+
+def _children(parent, name):
+    """Pids of live children of ``parent`` whose program is ``name``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            program = (proc / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == parent and program.endswith(name):
+            found.append(int(proc.name))
+    return found
+
+
+def _lifecycle_outcome():
+    """A lifecycle run's outcome, as the plots need it, without a run."""
+    outcome = fleet.Outcome(fleet.plan("lifecycle", 5, 3))
+    outcome.started, outcome.finished = 1000.0, 1030.0
+    devices = [d.device_id for d in outcome.plan.devices]
+    outcome.issuances = [
+        {"device_id": d, "issued_at": 1001.0 + n, "not_after": 1040.0}
+        for n, d in enumerate(devices)
+    ]
+    outcome.events = [
+        (1020.0, "revoke", devices[1]),
+        (1020.0, "decommission", devices[2]),
+        (1021.0, "reset", devices[3]),
+    ]
+    # The first device falls silent longest, so its bar is the longest.
+    outcome.beats = [
+        fleet.Beat(1000.0 + t, d, "ldevid", "1")
+        for d, times in zip(
+            devices, [(0, 28), *[range(0, 30, 1)] * 4], strict=True
+        )
+        for t in times
+    ]
+    return outcome
+
+
+def test_renewals_plot_shows_interventions_of_one_moment_apart():
+    figure = report.renewals_figure(_lifecycle_outcome())
+    figure.canvas.draw()
+
+    marks = {
+        line.get_color(): line.get_window_extent()
+        for axes in figure.axes
+        for line in axes.get_lines()
+        if line.get_color() in ("tab:red", "tab:purple")
+    }
+    assert set(marks) == {"tab:red", "tab:purple"}
+    assert not marks["tab:red"].overlaps(marks["tab:purple"])
+    labels = [t.get_text() for t in figure.axes[-1].get_yticklabels()]
+    assert labels == ["revoke (1)", "decommission (1)", "reset (1)"]
+
+
+def test_gaps_legend_covers_no_device_bar():
+    outcome = _lifecycle_outcome()
+    figure = report.gaps_figure(outcome)
+    figure.canvas.draw()
+
+    (axes,) = figure.axes
+    legend = axes.get_legend().get_window_extent()
+    bars = [patch.get_window_extent() for patch in axes.patches]
+    assert len(bars) == 5
+    assert not [bar for bar in bars if bar.overlaps(legend)]

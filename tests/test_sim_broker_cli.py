@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -15,12 +16,13 @@ from pathlib import Path
 import pytest
 from conftest import PORT_ATTEMPTS, Identity
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sim_cli import assert_refused, invoke, tree
 
 from firmware_sim import registrar
-from firmware_sim.ca import CertificateAuthority
+from firmware_sim.ca import CertificateAuthority, chain_pem, key_pem
 from tpm_simulator.ports import free_port, port_is_free
 
 TLS12 = ssl.TLSVersion.TLSv1_2
@@ -156,7 +158,7 @@ def _serve(broker_dir, files_for, tmp_path, brokers):
         brokers.append(broker)
         if broker.wait_ready():
             return broker
-        assert "Address already in use" in broker.log(), broker.log()
+        assert "address already in use" in broker.log().lower(), broker.log()
     pytest.fail("no free port for mosquitto")
 
 
@@ -376,6 +378,101 @@ def test_crl_refuses_bad_input_in_one_line(signing, factory_ca, args, named):
 
     assert_refused(result, named)
     assert tree(signing) == before
+
+
+def _outputs_to_keep(ca):
+    """Files an output of 'ca sign' or 'ca crl' must not replace."""
+    chain, key = ca.issue_client_cert("dev-1")
+    return {
+        "config": b'device_id = "dev-1"\nserial = "SN-1"\n',
+        "key": key_pem(key),
+        "key and chain": key_pem(key) + chain_pem(chain),
+        "CA certificate": chain_pem([ca.root]),
+        "chain": chain_pem(chain),
+        "CRL": ca.crl(),
+        "crlfile of two CAs": ca.crl() + ca.crl(),
+        "empty": b"",
+    }
+
+
+KEPT_BY = {
+    "sign": [
+        "config",
+        "key",
+        "key and chain",
+        "CA certificate",
+        "CRL",
+        "crlfile of two CAs",
+        "empty",
+    ],
+    "crl": [
+        "config",
+        "key",
+        "key and chain",
+        "CA certificate",
+        "chain",
+        "crlfile of two CAs",
+        "empty",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "kind"),
+    [(command, kind) for command, kinds in KEPT_BY.items() for kind in kinds],
+)
+def test_sign_and_crl_replace_only_what_they_write(
+    tmp_path, factory_ca, command, kind
+):
+    """A mistyped --out costs no config or key; the refusal names it."""
+    out = tmp_path / "agent.toml"
+    out.write_bytes(_outputs_to_keep(factory_ca)[kind])
+    csr_file = tmp_path / "device.csr"
+    csr_file.write_bytes(_csr_pem("dev-2"))
+    before = tree(tmp_path)
+
+    if command == "sign":
+        result = _sign(factory_ca, csr_file, out)
+    else:
+        result = _crl(factory_ca, out, "--revoke", "abc")
+
+    assert_refused(result, str(out))
+    assert "left alone" in result.output
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("encoding", ["PEM", "DER"])
+def test_sign_and_crl_replace_what_they_wrote_before(
+    tmp_path, factory_ca, encoding
+):
+    chain, _ = factory_ca.issue_client_cert("dev-1")
+    crl = x509.load_pem_x509_crl(factory_ca.crl())
+    as_der = serialization.Encoding.DER
+    chain_out, crl_out = tmp_path / "chain", tmp_path / "crl"
+    if encoding == "DER":
+        chain_out.write_bytes(chain[0].public_bytes(as_der))
+        crl_out.write_bytes(crl.public_bytes(as_der))
+    else:
+        chain_out.write_bytes(chain_pem(chain))
+        crl_out.write_bytes(factory_ca.crl())
+    csr_file = tmp_path / "device.csr"
+    csr_file.write_bytes(_csr_pem("dev-2"))
+
+    signed = _sign(factory_ca, csr_file, chain_out)
+    listed = _crl(factory_ca, crl_out, "--revoke", "abc")
+
+    assert signed.exit_code == 0, signed.output
+    assert listed.exit_code == 0, listed.output
+    leaf = x509.load_pem_x509_certificates(chain_out.read_bytes())[0]
+    assert leaf.subject.rfc4514_string() == "CN=dev-2"
+    assert [r.serial_number for r in x509.load_pem_x509_crl(
+        crl_out.read_bytes())] == [0xABC]  # fmt: skip
+
+
+def test_sign_and_crl_help_say_what_they_replace():
+    for command, what in (("sign", "leaf certificate"), ("crl", "single CRL")):
+        text = " ".join(invoke(["ca", command, "--help"]).output.split())
+        assert f"replaced only if it holds a {what}" in text
 
 
 def test_broker_files_hold_both_roots_both_crls_and_the_acl(
@@ -621,6 +718,36 @@ def test_broker_run_ends_on_sigterm_and_leaves_nothing_running(served):
     assert port_is_free(served.port)
 
 
+def test_broker_run_on_a_taken_port_ends_with_one_line_of_ours(
+    broker_dir, files_for
+):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        made = files_for(broker_dir, "--port", str(port))
+        assert made.exit_code == 0, made.output
+
+        # In a process of its own: 'broker run' becomes mosquitto.
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "firmware_sim",
+                "broker", "run", "--dir", str(broker_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=STARTED_WITHIN,
+            check=False,
+        )  # fmt: skip
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        f"error: mosquitto cannot listen on 127.0.0.1:{port}: address "
+        "already in use\n"
+    )
+    assert result.stdout == ""
+
+
 def test_broker_run_without_files_says_what_to_run(broker_dir):
     result = invoke(["broker", "run", "--dir", str(broker_dir)])
 
@@ -645,6 +772,24 @@ def test_broker_crl_without_files_says_what_to_run(
 
 def _server_cert(ca, *args):
     return invoke(["ca", "server-cert", "--dir", str(ca.directory), *args])
+
+
+def _sign(ca, csr_file, out):
+    return invoke([
+        "ca", "sign", str(csr_file), "--out", str(out),
+        "--dir", str(ca.directory),
+    ])  # fmt: skip
+
+
+def _csr_pem(name):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 def _crl(ca, out, *args):

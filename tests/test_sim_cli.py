@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from sim_cli import assert_refused, invoke, tree
+
+from firmware_sim.ca import key_pem
 
 DEMO_DIR = re.compile(r"trust anchor (/tmp/device-agent-demo-[^/\s]+)/")
 BROKER_STARTED_WITHIN = 90
@@ -170,6 +173,14 @@ RUN_REFUSALS = {
     "ca file is a fifo": (["--ca-file", "{tmp}/fifo"], "--ca-file"),
     "ca file is a device": (["--ca-file", "/dev/null"], "--ca-file"),
     "ca file is missing": (["--ca-file", "{tmp}/none.pem"], "--ca-file"),
+    "ca file holds a key": (
+        ["--ca-file", "{tmp}/key.pem"],
+        "key.pem holds no PEM certificate",
+    ),
+    "ca file has nothing in it": (
+        ["--ca-file", "{tmp}/nothing.pem"],
+        "nothing.pem holds no PEM certificate",
+    ),
 }
 
 
@@ -180,6 +191,9 @@ def test_registrar_run_refuses_bad_input_before_connecting(
     registrar_dir, tmp_path, args, named
 ):
     os.mkfifo(tmp_path / "fifo")
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "key.pem").write_bytes(key_pem(key))
+    (tmp_path / "nothing.pem").write_bytes(b"")
     options = {"--broker": "127.0.0.1:1", "--dir": str(registrar_dir)}
     options["--ca-file"] = str(registrar_dir / "ca" / "root.pem")
     options.update(zip(args[::2], args[1::2], strict=True))

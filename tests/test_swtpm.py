@@ -63,6 +63,7 @@ def test_status_and_stop_work_from_another_process(swtpm):
     assert f"pid: {swtpm.pid}" in status.stdout
     assert "answers: True" in status.stdout
 
+    pid = swtpm.pid
     stopped = _run_cli("stop", "--state-dir", str(swtpm.state_dir))
     assert stopped.returncode == 0, stopped.stderr
     assert not swtpm.running
@@ -70,6 +71,21 @@ def test_status_and_stop_work_from_another_process(swtpm):
     status = _run_cli("status", "--state-dir", str(swtpm.state_dir))
     assert status.returncode == 3
     assert "running: False" in status.stdout
+    assert stopped.stdout == (
+        f"stopped swtpm (pid {pid}) in {swtpm.state_dir}\n"
+    )
+    assert stopped.stderr == ""
+
+
+def test_cli_stop_of_a_stopped_swtpm_says_none_was_running(tmp_path):
+    with Swtpm(tmp_path / "tpm", free_port_pair()) as tpm:
+        pass
+
+    stopped = _run_cli("stop", "--state-dir", str(tpm.state_dir))
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == f"no swtpm was running in {tpm.state_dir}\n"
+    assert stopped.stderr == ""
 
 
 @pytest.mark.parametrize("made", [True, False], ids=["empty", "missing"])

@@ -107,8 +107,13 @@ def start(state_dir: Path, port: int | None, timeout: float) -> None:
 @main.command()
 @_STATE_DIR
 def stop(state_dir: Path) -> None:
-    """Stop the swtpm of a state dir."""
-    Swtpm.from_state_dir(state_dir).stop()
+    """Stop the swtpm of a state dir; one that is not running is no error."""
+    tpm = Swtpm.from_state_dir(state_dir)
+    pid = tpm.stop()
+    if pid is None:
+        click.echo(f"no swtpm was running in {tpm.state_dir}")
+    else:
+        click.echo(f"stopped swtpm (pid {pid}) in {tpm.state_dir}")
 
 
 @main.command()

@@ -151,11 +151,14 @@ class Swtpm:
             self.state_dir,
         )
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop swtpm: SIGTERM, then SIGKILL once ``timeout`` has passed."""
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Stop swtpm: SIGTERM, then SIGKILL once ``timeout`` has passed.
+
+        Returns the pid stopped; None if no swtpm was running.
+        """
         pid = self.pid
         if pid is None:
-            return
+            return None
 
         _signal(pid, signal.SIGTERM)
         if not _wait_gone(pid, timeout):
@@ -166,6 +169,7 @@ class Swtpm:
         # swtpm removes its pid file on a clean exit, not after SIGKILL.
         self.pid_path.unlink(missing_ok=True)
         logger.info("swtpm stopped: pid %d, port %d", pid, self.port)
+        return pid
 
     def answers(self, timeout: float = _PROBE_TIMEOUT) -> bool:
         """Whether the TPM and its control channel answer right now."""
