@@ -9,14 +9,13 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -101,7 +100,7 @@ def _read_pem(data: bytes) -> list[x509.Certificate]:
             if label in _CERT_LABELS:
                 certs.append(x509.load_pem_x509_certificate(block))
             elif label in _PKCS7_LABELS:
-                certs.extend(_pkcs7(pkcs7.load_pem_pkcs7_certificates, block))
+                certs.extend(_pkcs7(block, pem=True))
             elif b"PRIVATE KEY" in label:
                 raise ChainError(
                     "unreadable",
@@ -126,7 +125,7 @@ def _read_der(data: bytes) -> list[x509.Certificate]:
     except ValueError:
         pass
     try:
-        return _pkcs7(pkcs7.load_der_pkcs7_certificates, data)
+        return _pkcs7(data, pem=False)
     except ValueError:
         pass
     raise ChainError(
@@ -134,14 +133,21 @@ def _read_der(data: bytes) -> list[x509.Certificate]:
     )
 
 
-def _pkcs7(
-    load: Callable[[bytes], list[x509.Certificate]], data: bytes
-) -> list[x509.Certificate]:
+def _pkcs7(data: bytes, pem: bool) -> list[x509.Certificate]:
     """Certificates of a PKCS#7 bundle, also in BER as OpenSSL writes it.
 
     cryptography reads BER after warning that it is not DER; the bundle
     is fine, and a user of the CLI should not see a library's warning.
+    The module is imported here: it brings the e-mail package along, a
+    megabyte that the daemon, which reads PEM chains, has no use for.
     """
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    load = (
+        pkcs7.load_pem_pkcs7_certificates
+        if pem
+        else pkcs7.load_der_pkcs7_certificates
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return list(load(data))
