@@ -43,6 +43,7 @@ from device_agent.systemd import Notifier
 logger = logging.getLogger(__name__)
 
 AGENT_LOCK = ".agent.lock"
+HOOK_TIMEOUT = 60
 PID_FILE = "agent.pid"
 LAST_GOOD_FILE = "last-good-time"
 # The longest the loop sleeps before it looks at the wall clock again, so
@@ -486,7 +487,7 @@ class Agent:
         requested, self._renew_now = self._renew_now, False
         in_service = self.state == "needs_service"
         try:
-            self._attempt_renewal(now)
+            self._attempt_renewal(now, requested)
         except BaseException as exc:
             if requested:
                 self._answer_request(f"error: {_describe(exc)}")
@@ -502,12 +503,20 @@ class Agent:
         self.renew_requests_answered += 1
         self.renew_answer = answer
 
-    def _attempt_renewal(self, now: float) -> None:
+    def _attempt_renewal(self, now: float, requested: bool = False) -> None:
+        """Renew now; ``requested`` when an operator asked for it.
+
+        What an operator asks for is no loop: it is neither judged by
+        the loop detector nor counted by it, and it clears the history,
+        since someone has now looked at the device.
+        """
         assert self.session is not None
         operational = (
             self.identity is not None and self.identity[0] == OPERATIONAL
         )
-        if (
+        if requested:
+            self.renewals.reset()
+        elif (
             operational
             and self.leaf is not None
             and self.renewals.is_loop(
@@ -541,7 +550,8 @@ class Agent:
         old.close()
         self.retire_after_proof = True
         self.failures = 0
-        self.renewals.record(now)
+        if not requested:
+            self.renewals.record(now)
         verb = "renewed" if operational else "enrolled"
         self.last_result = (
             f"{verb} at {_iso(now)}: certificate "
@@ -587,6 +597,12 @@ class Agent:
         logger.warning("%s; next attempt in %.1f s", exc, delay)
 
     def _run_hook(self, leaf: x509.Certificate) -> None:
+        """Start the renewal hook; it runs beside the agent, never in its way.
+
+        A hook that takes its time must not hold up heartbeats, the next
+        renewal or a stop, so a thread of its own waits for it, stops it
+        after HOOK_TIMEOUT and logs what it said on stderr if it failed.
+        """
         if not self.settings.renewal_hook:
             return
         environment = dict(
@@ -596,22 +612,27 @@ class Agent:
             RENEWED_DEVICE_ID=self.settings.device_id,
         )
         try:
-            result = subprocess.run(
+            hook = subprocess.Popen(
                 shlex.split(self.settings.renewal_hook),
                 env=environment,
-                timeout=60,
-                check=False,
-                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            logger.warning("renewal hook failed: %s", exc)
+        except (OSError, ValueError) as exc:
+            logger.warning("renewal hook failed to start: %s", exc)
             return
-        if result.returncode:
-            logger.warning("renewal hook exited %d", result.returncode)
+        threading.Thread(
+            target=_await_hook, args=(hook,), name="renewal-hook", daemon=True
+        ).start()
 
     # -- clock, status, signals -------------------------------------------
 
     def _check_clock(self, now: float) -> None:
+        if self.clock_state != "trusted":
+            # Status tells the operator to delete the known-good time
+            # once the clock is right: that must work without a restart.
+            self.last_good = self._read_last_good()
         leaves = [_leaf(g) for _, g in self._current_generations()]
         not_befores = [
             leaf.not_valid_before_utc.timestamp() for leaf in leaves if leaf
@@ -657,17 +678,21 @@ class Agent:
     def _read_last_good(self) -> float | None:
         path = self.settings.state_dir / LAST_GOOD_FILE
         try:
-            return clock.decode_last_good(path.read_text())
+            value = clock.decode_last_good(path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
+            value, why = None, str(exc)
+        else:
+            why = "not a time this agent wrote"
+        if value is None:
             logger.warning(
                 "%s unreadable (%s): the clock is judged without it and the "
                 "file is written anew",
                 path,
-                exc,
+                why,
             )
-            return None
+        return value
 
     def _write_last_good(self, value: float) -> None:
         path = self.settings.state_dir / LAST_GOOD_FILE
@@ -788,6 +813,25 @@ class Agent:
             self.heartbeats,
             len(self.outbox),
             self.outbox.dropped,
+        )
+
+
+def _await_hook(hook: subprocess.Popen[bytes]) -> None:
+    try:
+        _, err = hook.communicate(timeout=HOOK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        hook.kill()
+        hook.communicate()
+        logger.warning(
+            "renewal hook stopped after %d s without finishing", HOOK_TIMEOUT
+        )
+        return
+    if hook.returncode:
+        said = err.decode(errors="replace").strip().splitlines()[-3:]
+        logger.warning(
+            "renewal hook exited %d%s",
+            hook.returncode,
+            f": {' / '.join(said)}" if said else "",
         )
 
 

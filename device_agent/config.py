@@ -27,7 +27,7 @@ MQTT_VERSIONS = ("5", "3.1.1")
 
 # A device id is a certificate CN and an MQTT topic level, so it must not
 # hold topic wildcards, separators or anything a shell would trip over.
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
 _TCTI = re.compile(r"(swtpm|mssim|device|tabrmd|libtpms)(:.*)?")
 # Numbers given as text take ASCII digits only: int() and float() also
@@ -126,14 +126,18 @@ def _tcti(value: Any) -> str:
         raise ValueError("device: takes an absolute path, e.g. /dev/tpmrm0")
     if name not in ("swtpm", "mssim") or not options:
         return text
+    seen: set[str] = set()
     for option in options.split(","):
         key, equals, given = option.partition("=")
         if key not in ("host", "port") or not equals or not given:
             raise ValueError(f"{option!r} is not host=HOST or port=PORT")
+        if key in seen:
+            raise ValueError(f"{key}= is given twice")
+        seen.add(key)
         if key == "port" and not (
             _INTEGER.fullmatch(given) and 1 <= int(given) <= 65535
         ):
-            raise ValueError("port must be between 1 and 65535")
+            raise ValueError("port must be a number between 1 and 65535")
     return text
 
 
@@ -199,11 +203,16 @@ def _host(value: Any) -> str:
         raise ValueError("must be a host name or IP address")
     if not all("!" <= c <= "~" and c not in "/@[]" for c in value):
         raise ValueError("must be a host name or IP address in ASCII")
+    if value.count(":") == 1:  # an IPv6 address holds two or more
+        raise ValueError(
+            "must be a host name or IP address without ':PORT' "
+            "(the port is broker_port)"
+        )
     return value
 
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "device_id": _text(_DEVICE_ID, "1-64 letters, digits, '.', '_' or '-'"),
+    "device_id": _text(DEVICE_ID, "1-64 letters, digits, '.', '_' or '-'"),
     "state_dir": _path,
     "serial": _text(_SERIAL, "1-64 printable characters without spaces"),
     "key_store": _choice(KEY_STORES),

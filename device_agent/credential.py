@@ -12,7 +12,7 @@ import shutil
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -22,7 +22,12 @@ from cryptography.x509.oid import NameOID
 
 from device_agent import chain, csr, keys
 from device_agent.config import Settings
-from device_agent.errors import ChainError, KeyStoreError, StoreError
+from device_agent.errors import (
+    ChainError,
+    KeyStoreError,
+    StoreError,
+    TPMError,
+)
 from device_agent.keys.software import check_private_file
 from device_agent.session import Session
 from device_agent.store import (
@@ -31,6 +36,10 @@ from device_agent.store import (
     check_access,
     check_private_dir,
 )
+
+if TYPE_CHECKING:
+    from device_agent.keys.tpm import TPMKeyStore
+    from device_agent.keys.tpmproc import ProcessTPMKeyStore
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +356,7 @@ def status(
     }
     _check_key_store_setting(settings, kinds, problems)
     _check_anchors(settings, now, problems)
+    _check_hook(settings, problems)
     report["tpm"] = _tpm_presence(settings, kinds, problems)
     report["problems"] = _fallback(problems)
     return report
@@ -386,6 +396,23 @@ def _check_anchors(
                     "problem": f"{_LINEAGE_NAMES[lineage]}: {trouble}",
                 }
             )
+
+
+def _check_hook(settings: Settings, problems: list[dict[str, str]]) -> None:
+    """The renewal hook's program exists: a missing one shows only later."""
+    import shlex
+
+    if not settings.renewal_hook:
+        return
+    program = shlex.split(settings.renewal_hook)[0]
+    if shutil.which(program) is None:
+        problems.append(
+            {
+                "level": WARNING,
+                "problem": f"renewal_hook: {program} is not an executable "
+                "program; the agent will log a failure after each renewal",
+            }
+        )
 
 
 def _anchor_trouble(
@@ -628,6 +655,23 @@ def _agent_status(
                 f"(last result: {report['last_result']})",
             }
         )
+    elif report["state"] == "renewal_loop":
+        problems.append(
+            {
+                "level": ERROR,
+                "problem": "the agent stopped renewing: fresh certificates "
+                "kept arriving already due; check the CA's lifetimes and "
+                "the clock, then run 'device-agent renew --now'",
+            }
+        )
+    elif report["clock"] != "trusted":
+        problems.append(
+            {
+                "level": WARNING,
+                "problem": f"clock {report['clock']}: nothing is renewed "
+                f"or deleted until it is sane: {report['clock_reason']}",
+            }
+        )
     return report
 
 
@@ -643,7 +687,21 @@ def _judge_clock(
     path = settings.state_dir / LAST_GOOD_FILE
     try:
         last_good = clock.decode_last_good(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        last_good = None
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+    else:
+        why = "not a time this agent wrote"
+    if last_good is None:
+        problems.append(
+            {
+                "level": WARNING,
+                "problem": f"{path} unreadable ({why}): the agent will judge "
+                "the clock without it and write it anew",
+            }
+        )
         return
     now = datetime.datetime.now(datetime.UTC).timestamp()
     state, reason = clock.assess(now, last_good, (), settings.clock_skew)
@@ -704,7 +762,8 @@ def _tpm_presence(
     holds_keys = "tpm" in kinds.values()
     if not holds_keys and (kinds or settings.key_store == "software"):
         return {"checked": False, "tcti": settings.tcti}
-    present = keys.tpm_store(settings.tcti).answers()
+    store = keys.tpm_store(settings.tcti)
+    present = store.answers()
     if not present:
         problems.append(
             {
@@ -713,7 +772,36 @@ def _tpm_presence(
                 + (": the device's key is in it" if holds_keys else ""),
             }
         )
+    else:
+        _check_tpm_keys_load(settings, kinds, store, problems)
     return {"checked": True, "present": present, "tcti": settings.tcti}
+
+
+def _check_tpm_keys_load(
+    settings: Settings,
+    kinds: dict[str, str],
+    store: TPMKeyStore | ProcessTPMKeyStore,
+    problems: list[dict[str, str]],
+) -> None:
+    """Each current TPM key loads: a cleared or other TPM cannot use it."""
+    for lineage, kind in kinds.items():
+        generation = CredentialStore(settings.state_dir, lineage).current()
+        key_path = generation.key_path() if generation else None
+        if kind != "tpm" or key_path is None:
+            continue
+        try:
+            store.check_loads(key_path)
+        except TPMError as exc:
+            problems.append(
+                {
+                    "level": ERROR,
+                    "problem": f"{_LINEAGE_NAMES[lineage]}: the key does "
+                    f"not load in the TPM at {settings.tcti} ({exc}): was "
+                    "the TPM cleared, or is this another TPM?",
+                }
+            )
+        except KeyStoreError:
+            continue  # an unreadable key file is named with the key
 
 
 def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:

@@ -81,6 +81,11 @@ def load_tpm_provider(tcti: str, modules_dir: Path | None = None) -> None:
         os.environ["TPM2OPENSSL_TCTI"] = tcti
         if not load(None, b"default"):
             raise TPMError("OpenSSL could not load its default provider")
+        if modules_dir is not None and not modules_dir.is_dir():
+            raise TPMError(
+                f"openssl_modules {modules_dir}: not a directory (it should "
+                "hold the tpm2 provider, tpm2.so)"
+            )
         modules_dir = modules_dir or default_modules_dir()
         if modules_dir is not None:
             set_path(None, os.fsencode(modules_dir))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from firmware_sim.errors import CAError
+from firmware_sim.registry import DEVICE_ID, DEVICE_ID_RULE
 
 logger = logging.getLogger(__name__)
 
@@ -172,17 +174,19 @@ class CertificateAuthority:
         """Issue a client certificate for ``csr``; return [leaf, intermediate].
 
         Subject and subjectAltName come from the CSR; ``san`` replaces the
-        latter. A leaf without subjectAltName fails the client verifier of
+        latter. The subject must hold one CN, a device id: the broker
+        takes it for the username its ACL grants topics by. A leaf
+        without subjectAltName fails the client verifier of
         cryptography. ``not_before``, ``not_after`` and ``eku`` override
         the defaults (now less a few minutes, ``days`` from now,
         clientAuth) so that tests can make certificates a device must
         refuse; an empty ``eku`` leaves the extension out.
         """
         subject = csr.subject
-        if not csr.is_signature_valid:
-            raise CAError(f"CSR for {_describe(subject)}: bad signature")
+        _check_signature(csr, subject)
         public_key = csr.public_key()
         _check_key_strength(public_key, subject)
+        _check_device_subject(subject)
         now = _now()
         if not_after is None:
             check_days(days)
@@ -468,6 +472,49 @@ def check_name(name: str) -> str:
             f"of a common name, so {longest} at most"
         )
     return name
+
+
+# Hashes with practical collisions. cryptography reports their
+# signatures as bad even when they verify, so a message of their own
+# says what is wrong.
+_WEAK_HASHES = {"sha1": "SHA-1", "md5": "MD5"}
+
+
+def _check_signature(
+    csr: x509.CertificateSigningRequest, subject: x509.Name
+) -> None:
+    try:
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        algorithm = None
+    weak = _WEAK_HASHES.get(algorithm.name) if algorithm else None
+    if weak is not None:
+        raise CAError(
+            f"CSR for {_describe(subject)}: signed with {weak}, a weak "
+            "hash; it is refused (sign it with SHA-256)"
+        )
+
+    if not csr.is_signature_valid:
+        raise CAError(f"CSR for {_describe(subject)}: bad signature")
+
+
+def _check_device_subject(subject: x509.Name) -> None:
+    # The broker's ACL expands the CN into the device's topics: a CN
+    # holding "/", "+" or "#" would reach into other devices' topics.
+    names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        count = "no CN" if not names else f"{len(names)} CNs"
+        raise CAError(
+            f"CSR for {_describe(subject)}: {count}; a device certificate "
+            "needs exactly one, its device id"
+        )
+
+    name = str(names[0].value)
+    if not DEVICE_ID.fullmatch(name):
+        raise CAError(
+            f"CSR for {_describe(subject)}: CN {name[:MAX_NAME_BYTES]!r} "
+            f"is not a device id ({DEVICE_ID_RULE})"
+        )
 
 
 # Keys a CA of this decade signs for: NIST curves of 256 bits and up,
@@ -795,8 +842,20 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
+# How much of a subject a message or a log line repeats.
+_SHOWN = 120
+
+
 def _describe(name: x509.Name) -> str:
-    return name.rfc4514_string() or "(empty subject)"
+    # A CSR's subject is whatever its sender wrote: a control character
+    # in it must not break a one-line message or forge a log line.
+    text = name.rfc4514_string()
+    if not text:
+        return "(empty subject)"
+    shown = text if text.isprintable() else repr(text)
+    if len(shown) > _SHOWN:
+        return f"{shown[:_SHOWN]}..."
+    return shown
 
 
 def _crl_number() -> int:

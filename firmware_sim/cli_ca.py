@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,9 @@ _OUT = NonEmptyPath(path_type=Path, dir_okay=False)
 CRL_DAYS = 30
 
 _PEM_BEGIN = b"-----BEGIN "
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN [^\n]*?-----.*?-----END [^\n]*?-----", re.DOTALL
+)
 
 
 def server_names(
@@ -112,15 +116,16 @@ def init(directory: Path, name: str, days: int) -> None:
     required=True,
     help="Where to write the leaf and the intermediate, as PEM; a file "
     "that exists is replaced only if it holds a leaf certificate or "
-    "chain.",
+    "chain and nothing else.",
 )
 @click.option("--days", type=_DAYS, default=365, show_default=True)
 @_CA_DIR
 def sign(csr_file: Path, out: Path, days: int, directory: Path) -> None:
     """Sign a CSR (PEM or DER) as a client certificate.
 
-    Refuses to replace a file that holds anything but a leaf
-    certificate or chain (a config, a key, a CA certificate).
+    The CSR's subject must be one CN, a device id. Refuses to replace
+    a file that holds anything but a leaf certificate or chain (a
+    config, a key, a CA certificate, notes beside the chain).
     """
     _check_out(
         out, directory, inputs={csr_file: "the CSR file"}, holding=_CHAIN
@@ -203,7 +208,7 @@ def server_cert(
     type=_OUT,
     required=True,
     help="Where to write the CRL, as PEM; a file that exists is replaced "
-    "only if it holds a single CRL.",
+    "only if it holds a single CRL and nothing else.",
 )
 @click.option(
     "--revoke",
@@ -267,11 +272,19 @@ class _Holding:
     holds: Callable[[bytes], bool]
 
 
+def _only_pem_blocks(data: bytes) -> bool:
+    # The loaders skip text around PEM blocks, such as notes kept with
+    # a certificate; replacing the file would lose them.
+    return not _PEM_BLOCK.sub(b"", data).strip()
+
+
 def _holds_leaf_chain(data: bytes) -> bool:
     # Every PEM block must be a certificate: a key kept in the same
     # file is skipped by the loader, and would be lost on replacing.
     try:
         if _PEM_BEGIN in data:
+            if not _only_pem_blocks(data):
+                return False
             certs = x509.load_pem_x509_certificates(data)
             if data.count(_PEM_BEGIN) != len(certs):
                 return False
@@ -297,7 +310,7 @@ def _holds_one_crl(data: bytes) -> bool:
     # it would make the broker refuse the other issuers' devices.
     try:
         if _PEM_BEGIN in data:
-            if data.count(_PEM_BEGIN) != 1:
+            if data.count(_PEM_BEGIN) != 1 or not _only_pem_blocks(data):
                 return False
             x509.load_pem_x509_crl(data)
         else:

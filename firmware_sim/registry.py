@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from device_agent.config import DEVICE_ID
 from firmware_sim.database import Database
 from firmware_sim.errors import SimError
 
@@ -22,8 +22,9 @@ DECOMMISSIONED = "decommissioned"
 STATUSES = (ACTIVE, REVOKED, DECOMMISSIONED)
 
 # Device ids become MQTT topic levels and, through the certificate CN,
-# broker usernames that ACL patterns expand: no "/", "+" or "#".
-DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# broker usernames that ACL patterns expand: no "/", "+" or "#". The
+# agent's own rule (DEVICE_ID), so that nothing is registered or
+# certified under an id the agent would refuse to run as.
 DEVICE_ID_RULE = (
     "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 )
@@ -165,10 +166,24 @@ class Registry(Database):
             )
 
     def add(self, device_id: str, serial: str | None = None) -> Device:
-        """Register a new device as active."""
+        """Register a new device as active.
+
+        Refuses an id already registered, and a serial another device
+        has: a serial names one board, so a second device with it is a
+        typing mistake or a cloned board.
+        """
         check_device_id(device_id)
         now = _now()
         with self._write() as db:
+            # The write lock is held from here on, so no other process
+            # registers the serial between this look and the insert.
+            owner = _serial_owner(db, serial)
+            if owner is not None and owner != device_id:
+                raise RegistryError(
+                    f"serial {serial!r} is already registered for device "
+                    f"{owner!r}"
+                )
+
             try:
                 row = db.execute(
                     "INSERT INTO devices VALUES (?, ?, ?, ?, ?) RETURNING *",
@@ -362,6 +377,16 @@ def _insert_issuance(db: sqlite3.Connection, issuance: Issuance) -> int | None:
         ),
     )
     return cursor.lastrowid if cursor.rowcount == 1 else None
+
+
+def _serial_owner(db: sqlite3.Connection, serial: str | None) -> str | None:
+    """The device registered with ``serial``; None if there is none."""
+    if serial is None:
+        return None
+    row = db.execute(
+        "SELECT device_id FROM devices WHERE serial = ? LIMIT 1", (serial,)
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _device(row: tuple[object, ...]) -> Device:

@@ -88,6 +88,46 @@ def test_clock_months_back_at_boot_decides_nothing(
     assert issued(registrar_world) == count + 1
 
 
+def test_deleting_the_known_good_time_trusts_the_clock_without_a_restart(
+    make_agent, registrar_world
+):
+    """What status advises for a known-good time in the future works."""
+    agent = make_agent(Clock())
+    agent._tick()
+    path = agent.device.state / LAST_GOOD_FILE
+    agent._write_last_good(4102444800.0)  # 2100: a board once ran there
+    agent.last_good = agent._read_last_good()
+    agent._tick()
+    assert agent.clock_state == "untrusted"
+    assert f"delete {path}" in agent.clock_reason
+
+    path.unlink()
+    agent._tick()
+    assert agent.clock_state == "trusted"
+    assert agent.last_good is not None and agent.last_good < 4102444800.0
+
+
+def test_renewals_an_operator_asks_for_are_never_a_loop(
+    make_agent, registrar_world
+):
+    """renew --now, again and again, renews each time and stays scheduled."""
+    agent = make_agent(Clock())
+    agent._tick()
+    count = issued(registrar_world)
+    for _ in range(5):
+        agent._renew_now = True
+        agent._tick()
+        assert agent.state == "connected", agent.last_result
+    assert issued(registrar_world) == count + 5
+    assert agent.next_renewal > time.time() + 30
+
+    # Scheduled renewals that keep coming due at once still are a loop.
+    for _ in range(5):
+        agent.next_renewal = 0.0
+        agent._tick()
+    assert agent.state == "renewal_loop"
+
+
 def test_jump_forward_past_the_renewal_point_renews_on_the_next_tick(
     make_agent, registrar_world
 ):

@@ -436,3 +436,35 @@ def test_mqtt_3_1_1_by_option(tmp_path, factory_ca, broker_factory):
     )  # fmt: skip
     assert f"{topic} v4" in result.out
     assert "(p2, " in broker.log_text()  # MQTT 3.1.1 in mosquitto's log
+
+
+def test_status_names_a_tpm_key_that_no_longer_loads(
+    tpm_device, factory_ca, tmp_path
+):
+    """Another TPM (or the same one cleared) cannot load the device's key."""
+    from conftest import start_on_free_port
+
+    from tpm_simulator.ports import free_port_pair
+    from tpm_simulator.swtpm import Swtpm
+
+    tpm_device.init(1, factory_ca.root_path)
+    tpm_device.enroll(factory_ca)
+    report = json.loads(tpm_device.run("status", "--json").out)
+    assert report["problems"] == []
+
+    other = start_on_free_port(
+        lambda: Swtpm(tmp_path / "other-tpm", free_port_pair())
+    )
+    try:
+        result = tpm_device.run(
+            "--set", f"tcti={other.tcti}", "status", "--json", check=False
+        )
+    finally:
+        other.stop()
+    assert result.returncode != 0
+    problems = [p["problem"] for p in json.loads(result.out)["problems"]]
+    assert any(
+        p.startswith("factory: the key does not load in the TPM")
+        and "cleared" in p
+        for p in problems
+    ), problems

@@ -200,6 +200,79 @@ def test_status_judges_the_clock_again_when_the_agent_is_stopped(device):
     assert "clock:         untrusted" in device.run("status", check=False).out
 
 
+@pytest.mark.parametrize(
+    ("state", "clock_state", "level", "words"),
+    [
+        ("renewal_loop", "trusted", "error", "stopped renewing"),
+        ("clock_untrusted", "untrusted", "warning", "clock untrusted"),
+    ],
+)
+def test_status_of_a_running_agent_that_stopped_renewing_is_a_problem(
+    device, state, clock_state, level, words
+):
+    from device_agent.agent import AGENT_LOCK, PID_FILE
+    from device_agent.store import CredentialStore
+
+    (device.state / PID_FILE).write_text(f"{os.getpid()}\n")
+
+    (device.state / "status.json").write_text(
+        json.dumps(
+            {
+                "state": state,
+                "clock": clock_state,
+                "clock_reason": "behind the last known-good time",
+                "next_renewal": None,
+                "last_result": "stopped: renewing fresh certificates",
+                "failures_in_row": 0,
+            }
+        )
+    )
+    store = CredentialStore(device.state, "idevid")
+    with store.lock(timeout=1, name=AGENT_LOCK):  # as a running agent
+        report, result = status_json(device)
+    assert report["agent"]["running"]
+    assert result.returncode != 0 or level == "warning"
+    assert any(words in p for p in problems(report, level)), report
+
+
+@pytest.mark.parametrize("content", ["garbage", "", "nan", "1e400"])
+def test_status_names_an_unreadable_known_good_time(device, content):
+    (device.state / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "stopped",
+                "clock": "trusted",
+                "clock_reason": "",
+                "next_renewal": None,
+                "last_result": "none yet",
+                "failures_in_row": 0,
+            }
+        )
+    )
+    (device.state / "last-good-time").write_text(content)
+    report, _ = status_json(device)
+    assert any(
+        "last-good-time unreadable" in p for p in problems(report, "warning")
+    ), report["problems"]
+
+
+def test_status_warns_of_a_renewal_hook_that_is_not_a_program(device):
+    report, _ = status_json(
+        device, "--set", "renewal_hook=/nonexistent/hook --flag"
+    )
+    (warning,) = problems(report, "warning")
+    assert warning.startswith("renewal_hook: /nonexistent/hook is not")
+
+
+def test_openssl_modules_that_is_no_directory_is_named(tmp_path):
+    from device_agent import tls
+    from device_agent.errors import TPMError
+
+    missing = tmp_path / "no-such-modules"
+    with pytest.raises(TPMError, match=f"openssl_modules {missing}: not a"):
+        tls.load_tpm_provider("swtpm:host=127.0.0.1,port=1", missing)
+
+
 def _private_key_pem(tmp_path: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -56,10 +56,12 @@ def test_a_misspelt_environment_override_is_refused_by_name(tmp_path, name):
 @pytest.mark.parametrize(
     ("tcti", "problem"),
     [
-        ("swtpm:host=127.0.0.1,port=99999", "port must be between"),
-        ("swtpm:port=0", "port must be between"),
+        ("swtpm:host=127.0.0.1,port=99999", "port must be a number between"),
+        ("swtpm:port=0", "port must be a number between"),
         ("mssim:host=127.0.0.1,foo=bar", "'foo=bar' is not host=HOST"),
         ("swtpm:host=", "'host=' is not host=HOST"),
+        ("swtpm:port=abc", "port must be a number"),
+        ("swtpm:port=2321,port=1", "port= is given twice"),
         ("device:dev/tpmrm0", "absolute path"),
         ("tpm0", "must be a TCTI"),
     ],
@@ -84,6 +86,16 @@ def test_a_malformed_tcti_is_refused_at_load(tmp_path, tcti, problem):
 def test_usual_tctis_are_accepted(tmp_path, tcti):
     path = write(tmp_path, 'device_id = "a"\nstate_dir = "/s"\n')
     assert config.load(path, {"tcti": tcti}, environ={}).tcti == tcti
+
+
+@pytest.mark.parametrize("field", ["broker_host", "server_name"])
+def test_a_host_with_a_port_is_refused_naming_broker_port(tmp_path, field):
+    path = write(tmp_path, 'device_id = "a"\nstate_dir = "/s"\n')
+    with pytest.raises(ConfigError, match="without ':PORT'") as caught:
+        config.load(path, {field: "127.0.0.1:28883"}, environ={})
+    assert caught.value.field == field
+    ipv6 = config.load(path, {field: "fd00::1"}, environ={})
+    assert getattr(ipv6, field) == "fd00::1"
 
 
 def test_the_config_and_test_variables_are_not_settings(tmp_path):

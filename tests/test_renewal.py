@@ -347,6 +347,37 @@ def test_daemon_tells_systemd_and_runs_the_hook(tmp_path, registrar_world):
     assert any("STATUS=" in s for s in said)
 
 
+@pytest.mark.parametrize("kind", ["slow", "failing"])
+def test_the_renewal_hook_never_holds_up_the_agent(
+    tmp_path, registrar_world, kind
+):
+    """A hook that takes long runs beside heartbeats and a stop; a failing
+    one has its stderr logged."""
+    world = registrar_world
+    world.start_registrar(lifetime=300)
+    started = tmp_path / "hook-started"
+    hook = tmp_path / "hook.sh"
+    body = "sleep 30" if kind == "slow" else "echo no such printer >&2; exit 3"
+    hook.write_text(f"#!/bin/sh\ntouch {started}\n{body}\n")
+    hook.chmod(0o755)
+    device = bring_up(tmp_path, world, None, renewal_hook=str(hook))
+
+    agent = device.start()
+    try:
+        wait_for(started.exists, 20, "the renewal hook")
+        beats = status(device)["agent"]
+        time.sleep(2.5)  # five heartbeats at 0.5 s, if nothing blocks
+        assert status(device)["agent"]["state"] == "connected", beats
+        if kind == "failing":
+            time.sleep(0.5)
+    finally:
+        began = time.monotonic()
+        out = stop(agent)
+    assert time.monotonic() - began < 5, "the stop waited for the hook"
+    if kind == "failing":
+        assert "renewal hook exited 3: no such printer" in out
+
+
 def test_only_one_renewal_at_a_time(operational):
     from device_agent.renewal import RENEWAL_LOCK
     from device_agent.store import CredentialStore
