@@ -96,6 +96,21 @@ def problems(report: dict, level: str = "error") -> list[str]:
     return [p["problem"] for p in report["problems"] if p["level"] == level]
 
 
+def write_agent_status(device: Device, **fields: object) -> None:
+    """status.json as an agent writes it: stopped, clock trusted, unless
+    ``fields`` say otherwise."""
+    written = {
+        "state": "stopped",
+        "clock": "trusted",
+        "clock_reason": "",
+        "next_renewal": None,
+        "last_result": "none yet",
+        "failures_in_row": 0,
+    }
+    written.update(fields)
+    (device.state / "status.json").write_text(json.dumps(written))
+
+
 def test_connect_and_csr_refuse_a_state_dir_open_to_others(device):
     device.state.chmod(0o755)
     before = device.snapshot()
@@ -178,18 +193,7 @@ def test_status_judges_the_clock_again_when_the_agent_is_stopped(device):
     """A stopped agent's 'trusted' is history; the known-good time rules."""
     from device_agent.core import clock
 
-    (device.state / "status.json").write_text(
-        json.dumps(
-            {
-                "state": "stopped",
-                "clock": "trusted",
-                "clock_reason": "",
-                "next_renewal": None,
-                "last_result": "none yet",
-                "failures_in_row": 0,
-            }
-        )
-    )
+    write_agent_status(device)
     last_good = device.state / "last-good-time"
     last_good.write_text(clock.encode_last_good(4102444800.0))  # 2100
     report, _ = status_json(device)
@@ -215,17 +219,12 @@ def test_status_of_a_running_agent_that_stopped_renewing_is_a_problem(
 
     (device.state / PID_FILE).write_text(f"{os.getpid()}\n")
 
-    (device.state / "status.json").write_text(
-        json.dumps(
-            {
-                "state": state,
-                "clock": clock_state,
-                "clock_reason": "behind the last known-good time",
-                "next_renewal": None,
-                "last_result": "stopped: renewing fresh certificates",
-                "failures_in_row": 0,
-            }
-        )
+    write_agent_status(
+        device,
+        state=state,
+        clock=clock_state,
+        clock_reason="behind the last known-good time",
+        last_result="stopped: renewing fresh certificates",
     )
     store = CredentialStore(device.state, "idevid")
     with store.lock(timeout=1, name=AGENT_LOCK):  # as a running agent
@@ -237,18 +236,7 @@ def test_status_of_a_running_agent_that_stopped_renewing_is_a_problem(
 
 @pytest.mark.parametrize("content", ["garbage", "", "nan", "1e400"])
 def test_status_names_an_unreadable_known_good_time(device, content):
-    (device.state / "status.json").write_text(
-        json.dumps(
-            {
-                "state": "stopped",
-                "clock": "trusted",
-                "clock_reason": "",
-                "next_renewal": None,
-                "last_result": "none yet",
-                "failures_in_row": 0,
-            }
-        )
-    )
+    write_agent_status(device)
     (device.state / "last-good-time").write_text(content)
     report, _ = status_json(device)
     assert any(
