@@ -323,6 +323,8 @@ class Agent:
                 if exc.reason in ("refused", "tls"):
                     refused += 1
                     continue
+                # Unreachable, or a broker we do not trust: another
+                # credential cannot change that, and it is no refusal.
                 break
             except AgentError as exc:
                 self._connect_failed(lineage, generation, exc)

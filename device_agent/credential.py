@@ -528,7 +528,7 @@ def _describe_lineage(
                 described["key"]["problem"] = trouble
     if current is not None and current.chain_path.is_file():
         try:
-            described["certificate"] = _describe_leaf(current.chain_path, now)
+            leaf = chain.read_bundle(current.chain_path.read_bytes())[0]
         except ChainError as exc:
             problem(f"certificate unreadable: {exc.detail}")
             described["certificate"] = {
@@ -536,9 +536,16 @@ def _describe_lineage(
                 "detail": exc.detail,
             }
         else:
+            described["certificate"] = _describe_leaf(leaf, now)
             names = described["certificate"].pop("names")
             if names != [settings.device_id]:
                 problem(_stranger(names, settings.device_id))
+            elif generation is current and "problem" not in (
+                described["key"] or {}
+            ):
+                disagreement = key_disagrees(settings, current, leaf)
+                if disagreement is not None:
+                    problem(disagreement)
             certificate = described["certificate"]
             if certificate["state"] == "expired":
                 problem(
@@ -729,8 +736,9 @@ def _unreadable(problems: list[dict[str, str]], path: Path, why: str) -> None:
     )
 
 
-def _describe_leaf(path: Path, now: datetime.datetime) -> dict[str, Any]:
-    leaf = chain.read_bundle(path.read_bytes())[0]
+def _describe_leaf(
+    leaf: x509.Certificate, now: datetime.datetime
+) -> dict[str, Any]:
     left = leaf.not_valid_after_utc - now
     if now < leaf.not_valid_before_utc:
         state = "not-yet-valid"
@@ -855,7 +863,9 @@ def best_credential(
                 why,
             )
             continue
-        stranger = other_device(leaf, settings.device_id)
+        stranger = other_device(leaf, settings.device_id) or key_disagrees(
+            settings, generation, leaf
+        )
         if stranger is not None:
             if lineage == FACTORY:
                 raise StoreError(f"factory: {stranger}")
@@ -876,6 +886,32 @@ def best_credential(
     raise StoreError(
         "no certificate installed yet: run 'device-agent install-chain'"
     )
+
+
+def key_disagrees(
+    settings: Settings, generation: Generation, leaf: x509.Certificate
+) -> str | None:
+    """Why the generation's key cannot present ``leaf``, or None if it can.
+
+    A key file emptied, damaged or swapped for another key would fail
+    only inside the TLS handshake, with OpenSSL's words for it.
+    """
+    key_path = generation.key_path()
+    if key_path is None:
+        return f"generation {generation.number} holds no key"
+    try:
+        public_key = keys.for_key(key_path, settings).public_key(key_path)
+    except KeyStoreError as exc:
+        return f"key unreadable: {str(exc).removeprefix(f'{key_path}: ')}"
+    leaf_key = leaf.public_key()
+    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or fingerprint(
+        public_key
+    ) != fingerprint(leaf_key):
+        return (
+            f"key {key_path} is not the key of certificate "
+            f"{leaf.serial_number:x}"
+        )
+    return None
 
 
 def other_device(leaf: x509.Certificate, device_id: str) -> str | None:

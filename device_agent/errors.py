@@ -67,9 +67,10 @@ class StoreError(AgentError):
 class SessionError(AgentError):
     """An MQTT session could not be opened or was lost.
 
-    ``reason`` is one of ``unreachable``, ``tls``, ``refused``, ``timeout``,
-    ``lost`` or ``topic`` (a topic MQTT does not allow); ``code`` carries
-    the MQTT reason code when the broker sent one.
+    ``reason`` is one of ``unreachable``, ``tls``, ``untrusted`` (we
+    refused the broker's certificate), ``refused``, ``timeout``, ``lost``
+    or ``topic`` (a topic MQTT does not allow); ``code`` carries the MQTT
+    reason code when the broker sent one.
     """
 
     exit_code = 7

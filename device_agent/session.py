@@ -500,8 +500,12 @@ class Session:
         try:
             client.connect(self.host, self.port, self.keepalive)
         except ssl.SSLCertVerificationError as exc:
+            # Our side refused the broker: the same for every credential
+            # we hold, and no sign that the broker refuses us.
             raise SessionError(
-                "tls", f"broker certificate refused: {exc.verify_message}"
+                "untrusted",
+                f"broker certificate refused: {exc.verify_message} (check "
+                "ca_file and server_name)",
             ) from None
         except ssl.SSLError as exc:
             raise SessionError("tls", _ssl_reason(exc)) from None

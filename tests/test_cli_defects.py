@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from device_cli import Device, wait_for
 from sim_cli import assert_refused, invoke, tree
-from test_renewal import bring_up, one_line_error, stop
+from test_renewal import bring_up, one_line_error, status, stop
 
 from device_agent.agent import Agent
 from device_agent.config import load
@@ -990,3 +990,81 @@ def test_keygen_force_after_a_cut_short_commit_keeps_the_current_key(
     assert os.readlink(lineage / "current") == "generations/0001"
     assert os.readlink(lineage / "pending") == "generations/0002"
     assert (lineage / "generations" / "0001" / "chain.pem").is_file()
+
+
+@pytest.mark.parametrize("damage", ["emptied", "swapped"])
+def test_a_key_that_cannot_present_its_certificate_is_passed_over(
+    set_up, tmp_path, caplog, damage
+):
+    """connect and status agree: the operational identity is skipped,
+    the factory one is an error; OpenSSL's words never reach the user."""
+    from device_agent import credential
+    from device_agent.errors import StoreError
+
+    device = set_up
+    _operational_copy(device)
+    other = _private_key_pem(tmp_path).read_bytes()
+
+    def damage_key(lineage: str) -> Path:
+        (key,) = (device.state / lineage / "current").glob("key.*")
+        before = key.read_bytes()
+        key.write_bytes(b"" if damage == "emptied" else other)
+        assert key.read_bytes() != before
+        return key
+
+    why = "key unreadable" if damage == "emptied" else "is not the key of"
+    settings = load(device.config, {})
+    damage_key("ldevid")
+    assert credential.best_credential(settings)[0] == credential.FACTORY
+    assert why in caplog.text
+    report, result = status_json(device)
+    assert result.returncode == 0, result.err
+    assert any(
+        p.startswith("operational: ") and why in p
+        for p in problems(report, "warning")
+    ), report["problems"]
+
+    damage_key("idevid")
+    with pytest.raises(StoreError, match=why):
+        credential.best_credential(settings)
+    result = device.run("connect", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.err
+    line = result.err.strip().splitlines()[-1]  # after the warning
+    assert line.startswith("error: factory: ") and why in line, line
+    assert "pem lib" not in line and "mismatch" not in line
+    report, result = status_json(device)
+    assert result.returncode != 0
+    assert any(
+        p.startswith("factory: ") and why in p for p in problems(report)
+    ), report["problems"]
+
+
+def test_a_broker_we_do_not_trust_is_no_refusal_of_our_credential(
+    tmp_path, registrar_world
+):
+    """A wrong ca_file (or a broker in the middle) is our trust failing:
+    the agent keeps trying at its usual pace and never asks for service
+    as if revoked."""
+    from firmware_sim.ca import CertificateAuthority
+
+    world = registrar_world
+    world.start_registrar(lifetime=300)
+    device = bring_up(tmp_path, world, None)
+    other = CertificateAuthority.create(tmp_path / "other-ca", name="Other")
+    agent = device.start("--set", f"ca_file={other.root_path}")
+    try:
+        wait_for(
+            lambda: (
+                "broker certificate refused"
+                in ((status(device)["agent"] or {}).get("last_result") or "")
+            ),
+            20,
+            "the refused broker",
+        )
+        time.sleep(6)  # several rounds of every credential at 1-2 s
+        state = status(device)["agent"]
+    finally:
+        out = stop(agent)
+    assert state["state"] != "needs_service", state
+    assert "needs service" not in out
+    assert "broker untrusted: broker certificate refused" in out
