@@ -8,9 +8,7 @@ import json
 import logging
 import os
 import random
-import shlex
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from device_agent.errors import (
     StoreError,
     TPMError,
 )
+from device_agent.hook import HookRunner
 from device_agent.renewal import renew
 from device_agent.session import Outbox, Session, StopSignal
 from device_agent.store import CredentialStore, Generation, write_atomic
@@ -43,7 +42,6 @@ from device_agent.systemd import Notifier
 logger = logging.getLogger(__name__)
 
 AGENT_LOCK = ".agent.lock"
-HOOK_TIMEOUT = 60
 PID_FILE = "agent.pid"
 LAST_GOOD_FILE = "last-good-time"
 # The longest the loop sleeps before it looks at the wall clock again, so
@@ -85,6 +83,7 @@ class Agent:
         # queued while offline survive reconnects and renewals alike.
         self.outbox = Outbox(self.settings.offline_queue)
         self.heartbeats = 0
+        self.hooks = HookRunner()
 
         self.state = "starting"
         self.clock_state = "trusted"
@@ -599,34 +598,16 @@ class Agent:
         logger.warning("%s; next attempt in %.1f s", exc, delay)
 
     def _run_hook(self, leaf: x509.Certificate) -> None:
-        """Start the renewal hook; it runs beside the agent, never in its way.
-
-        A hook that takes its time must not hold up heartbeats, the next
-        renewal or a stop, so a thread of its own waits for it, stops it
-        after HOOK_TIMEOUT and logs what it said on stderr if it failed.
-        """
         if not self.settings.renewal_hook:
             return
-        environment = dict(
-            os.environ,
-            RENEWED_SERIAL=f"{leaf.serial_number:x}",
-            RENEWED_NOT_AFTER=leaf.not_valid_after_utc.isoformat(),
-            RENEWED_DEVICE_ID=self.settings.device_id,
+        self.hooks.start(
+            self.settings.renewal_hook,
+            {
+                "RENEWED_SERIAL": f"{leaf.serial_number:x}",
+                "RENEWED_NOT_AFTER": leaf.not_valid_after_utc.isoformat(),
+                "RENEWED_DEVICE_ID": self.settings.device_id,
+            },
         )
-        try:
-            hook = subprocess.Popen(
-                shlex.split(self.settings.renewal_hook),
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-        except (OSError, ValueError) as exc:
-            logger.warning("renewal hook failed to start: %s", exc)
-            return
-        threading.Thread(
-            target=_await_hook, args=(hook,), name="renewal-hook", daemon=True
-        ).start()
 
     # -- clock, status, signals -------------------------------------------
 
@@ -804,6 +785,7 @@ class Agent:
 
     def _shutdown(self) -> None:
         self.notifier.send(stopping="1")
+        self.hooks.stop_all()
         if self.session is not None:
             self.session.close()
         self.state = "stopped"
@@ -815,25 +797,6 @@ class Agent:
             self.heartbeats,
             len(self.outbox),
             self.outbox.dropped,
-        )
-
-
-def _await_hook(hook: subprocess.Popen[bytes]) -> None:
-    try:
-        _, err = hook.communicate(timeout=HOOK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        hook.kill()
-        hook.communicate()
-        logger.warning(
-            "renewal hook stopped after %d s without finishing", HOOK_TIMEOUT
-        )
-        return
-    if hook.returncode:
-        said = err.decode(errors="replace").strip().splitlines()[-3:]
-        logger.warning(
-            "renewal hook exited %d%s",
-            hook.returncode,
-            f": {' / '.join(said)}" if said else "",
         )
 
 

@@ -356,8 +356,13 @@ def test_the_renewal_hook_never_holds_up_the_agent(
     world = registrar_world
     world.start_registrar(lifetime=300)
     started = tmp_path / "hook-started"
+    child = tmp_path / "hook-child.pid"
     hook = tmp_path / "hook.sh"
-    body = "sleep 30" if kind == "slow" else "echo no such printer >&2; exit 3"
+    body = (
+        f"sleep 30 & echo $! > {child}; wait"
+        if kind == "slow"
+        else "echo no such printer >&2; exit 3"
+    )
     hook.write_text(f"#!/bin/sh\ntouch {started}\n{body}\n")
     hook.chmod(0o755)
     device = bring_up(tmp_path, world, None, renewal_hook=str(hook))
@@ -376,6 +381,19 @@ def test_the_renewal_hook_never_holds_up_the_agent(
     assert time.monotonic() - began < 5, "the stop waited for the hook"
     if kind == "failing":
         assert "renewal hook exited 3: no such printer" in out
+    else:
+        # Nothing the hook started outlives the agent.
+        assert "1 renewal hook(s) still running were stopped" in out
+        pid = int(child.read_text())
+        wait_for(lambda: not _alive(pid), 5, "the hook's child to end")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+    except FileNotFoundError:
+        return False
+    return state.split()[0] != "Z"
 
 
 def test_only_one_renewal_at_a_time(operational):
