@@ -266,6 +266,10 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            str(path), "not valid TOML: arrays or tables nested too deep"
+        ) from None
     if info is not None and stat.S_ISREG(info.st_mode):
         _check_writers(path, info, "renewal_hook" in raw)
 

@@ -130,16 +130,22 @@ def _check_current(store: CredentialStore) -> None:
 def key_store_for_new_key(settings: Settings) -> keys.KeyStore:
     """Where a new key goes: where this device's keys already are.
 
-    ``key_store`` decides only for the very first key. After that a
+    ``key_store`` decides for the very first key, and when it asks for
+    the TPM: a device moves up to hardware protection when told to. A
     device whose keys live in a TPM keeps making them there, and a TPM
     that does not answer is an error, never a reason to use software.
     """
+    kinds: set[str] = set()
     for lineage in (OPERATIONAL, FACTORY):
         store = CredentialStore(settings.state_dir, lineage)
         for generation in (store.current(), store.pending()):
             key = generation.key_path() if generation else None
             if key is not None:
-                return keys.for_key(key, settings)
+                kinds.add(keys.kind_of(key))
+    if settings.key_store == "tpm" or "tpm" in kinds:
+        return keys.for_kind("tpm", settings)
+    if kinds:
+        return keys.for_kind(kinds.pop(), settings)
     return keys.choose(settings)
 
 
@@ -446,18 +452,22 @@ def _check_key_store_setting(
 ) -> None:
     """Warn when ``key_store`` says one thing and the keys are another.
 
-    New keys go where the device's keys already are, whatever the
-    setting says now; a person who set ``tpm`` expects hardware
-    protection and must hear that the key in use has none.
+    A person who set ``tpm`` expects hardware protection and must hear
+    that the key in use has none until the next key is made.
     """
     for lineage, kind in kinds.items():
         if kind in ("tpm", "software") and kind != settings.key_store:
+            after = (
+                "the next key is made in the TPM"
+                if settings.key_store == "tpm"
+                else f"new keys stay in {kind}"
+            )
             problems.append(
                 {
                     "level": WARNING,
                     "problem": f'key_store = "{settings.key_store}" but '
                     f"the {_LINEAGE_NAMES[lineage]} key is a {kind} key "
-                    f"(new keys stay in {kind})",
+                    f"({after})",
                 }
             )
 

@@ -1068,3 +1068,39 @@ def test_a_broker_we_do_not_trust_is_no_refusal_of_our_credential(
     assert state["state"] != "needs_service", state
     assert "needs service" not in out
     assert "broker untrusted: broker certificate refused" in out
+
+
+def test_key_store_tpm_moves_a_software_device_into_the_tpm(device, swtpm):
+    """Told to use the TPM, the next key is made there; never the reverse."""
+    tpm = ["--set", "key_store=tpm", "--set", f"tcti={swtpm.tcti}"]
+    report, _ = status_json(device, *tpm)
+    assert any(
+        "the next key is made in the TPM" in p
+        for p in problems(report, "warning")
+    ), report["problems"]
+    made = device.run(*tpm, "keygen", "--force")
+    assert "made in the TPM" in made.out, made.out + made.err
+    (key,) = (device.state / "idevid" / "pending").glob("key.*")
+    assert key.name.endswith(".tss2.pem")
+
+    # Once a key is in the TPM, no setting brings new ones out of it.
+    for store in ("software", "auto"):
+        made = device.run(
+            "--set", f"key_store={store}", "--set", f"tcti={swtpm.tcti}",
+            "keygen", "--force",
+        )  # fmt: skip
+        assert "made in the TPM" in made.out, made.out + made.err
+
+
+def test_control_characters_in_a_path_never_reach_the_terminal(device):
+    """Error lines, log lines and status escape them, as Python does."""
+    hostile = "/tmp/\x1b]0;pwned\x07\x01"
+    result = device.run("install-chain", f"{hostile}.pem", check=False)
+    line = one_line_error(result)
+    assert "\\x1b]0;pwned\\x07\\x01" in line, line
+    result = device.run(
+        "--set", f"state_dir={hostile}", "status", check=False
+    )  # fmt: skip
+    assert "\x1b" not in result.out + result.err
+    assert "\x07" not in result.out + result.err
+    assert "\\x1b]0;pwned" in result.out + result.err

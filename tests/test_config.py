@@ -322,3 +322,11 @@ def test_a_missing_trust_anchor_is_reported_by_any_command(device):
     assert one_line_error(result).endswith(
         f"trust_anchor: {gone}: no such file"
     )
+
+
+def test_tables_nested_too_deep_are_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deep") as caught:
+        config.load(path, environ={})
+    assert str(path) in str(caught.value)

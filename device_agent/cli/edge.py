@@ -85,7 +85,18 @@ def run(
         )
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, as Python writes them.
+
+    A path or a name can hold any byte; written raw, an escape sequence
+    in it would drive the terminal (retitle it, hide text, fake a line).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     first = message.strip().splitlines()[0] if message.strip() else "failed"
-    click.echo(f"error: {first}", err=True)
+    click.echo(f"error: {printable(first)}", err=True)
     sys.exit(code)

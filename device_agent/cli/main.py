@@ -112,11 +112,23 @@ def cli(
 
 
 def _configure_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _PrintableFormatter("%(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+class _PrintableFormatter(logging.Formatter):
+    """One log record, one line: control characters in it are escaped.
+
+    A path or a peer's words in a message could otherwise drive the
+    terminal or forge a line of the log; a traceback (--debug) is
+    added after this and keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        return edge.printable(super().formatMessage(record))
 
 
 def _register() -> None:

@@ -19,10 +19,14 @@ def _broker(value: str) -> tuple[str, int | None]:
         if not sep or (rest and not rest.startswith(":")):
             raise ConfigError("broker", f"{value!r} is not [ADDRESS]:PORT")
         port = rest[1:]
+        if rest and not port:
+            raise ConfigError("broker", f"{value!r}: no port after ':'")
     elif value.count(":") > 1:
         return value, None  # a bare IPv6 address
     else:
-        host, _, port = value.partition(":")
+        host, colon, port = value.partition(":")
+        if colon and not port:
+            raise ConfigError("broker", f"{value!r}: no port after ':'")
     if not port:
         return host, None
     if not (port.isascii() and port.isdigit()):

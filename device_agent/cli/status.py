@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from device_agent import credential
+from device_agent.cli.edge import printable
 from device_agent.cli.main import App, pass_app
 from device_agent.errors import StoreError
 
@@ -22,7 +23,7 @@ def status(app: App, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
         for line in _lines(report):
-            click.echo(line)
+            click.echo(printable(line))
     errors = [p for p in report["problems"] if p["level"] == credential.ERROR]
     if errors:
         # Everything was shown; the exit code tells a script or a
