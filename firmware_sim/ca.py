@@ -25,7 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from firmware_sim.errors import CAError
-from firmware_sim.registry import DEVICE_ID, DEVICE_ID_RULE
+from firmware_sim.registry import (
+    DEVICE_ID,
+    DEVICE_ID_RULE,
+    SERVICE_NAMES,
+    is_service_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,10 @@ CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY)
 # The serials the CA revoked, one a line with the time of revocation, so
 # that every later CRL still lists them.
 REVOKED = "revoked.txt"
+# Every serial the CA issued, one a line with the time of issue, so that
+# only those can be revoked: a mistyped serial would be listed for good.
+# A CA made before this record was kept has none, and revokes any serial.
+ISSUED = "issued.txt"
 
 # Certificates start a little in the past so that a device whose clock
 # runs slightly behind the CA's still accepts what it was just given.
@@ -109,7 +118,9 @@ class CertificateAuthority:
         check_name(name)
         check_days(days)
         directory = Path(directory)
-        existing = [f for f in CA_FILES if os.path.lexists(directory / f)]
+        existing = [
+            f for f in (*CA_FILES, ISSUED) if os.path.lexists(directory / f)
+        ]
         if existing:
             raise CAError(f"{directory} already holds a CA ({existing[0]})")
 
@@ -161,6 +172,10 @@ class CertificateAuthority:
     def revoked_path(self) -> Path:
         return self.directory / REVOKED
 
+    @property
+    def issued_path(self) -> Path:
+        return self.directory / ISSUED
+
     def sign_csr(
         self,
         csr: x509.CertificateSigningRequest,
@@ -170,6 +185,7 @@ class CertificateAuthority:
         not_after: datetime.datetime | None = None,
         eku: Sequence[x509.ObjectIdentifier] | None = None,
         san: Sequence[x509.GeneralName] | None = None,
+        service: bool = False,
     ) -> list[x509.Certificate]:
         """Issue a client certificate for ``csr``; return [leaf, intermediate].
 
@@ -180,7 +196,8 @@ class CertificateAuthority:
         cryptography. ``not_before``, ``not_after`` and ``eku`` override
         the defaults (now less a few minutes, ``days`` from now,
         clientAuth) so that tests can make certificates a device must
-        refuse; an empty ``eku`` leaves the extension out.
+        refuse; an empty ``eku`` leaves the extension out. ``service``
+        as for :meth:`issue_leaf`.
         """
         subject = csr.subject
         _check_signature(csr, subject)
@@ -203,6 +220,7 @@ class CertificateAuthority:
             not_after=not_after or now + datetime.timedelta(days=days),
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH] if eku is None else eku,
             san=alt_names,
+            service=service,
         )
         return [leaf, self.intermediate]
 
@@ -215,6 +233,7 @@ class CertificateAuthority:
         not_after: datetime.datetime,
         eku: Sequence[x509.ObjectIdentifier],
         san: x509.SubjectAlternativeName | None,
+        service: bool = False,
     ) -> x509.Certificate:
         """A leaf as :meth:`sign_csr` makes one, from a CSR checked already.
 
@@ -222,7 +241,14 @@ class CertificateAuthority:
         and cryptography parses a CSR's subject and key anew on each
         read: a registrar that checks the CSR, its subject and its key
         itself passes on what it read instead of the CSR.
+
+        A CN that is a service's name (the registrar's, in any case) is
+        refused unless ``service``: the broker's ACL grants that name
+        rights over every device's topics, whichever CA it trusts
+        issued the certificate.
         """
+        if not service:
+            _check_not_service(subject)
         self._check_current(_now())
         builder = _leaf_builder(
             subject=subject,
@@ -242,7 +268,7 @@ class CertificateAuthority:
     ) -> tuple[list[x509.Certificate], ec.EllipticCurvePrivateKey]:
         """A clientAuth certificate and its new P-256 key, for a service
         or a test client named ``common_name``; ``sign`` as for
-        :meth:`sign_csr`."""
+        :meth:`sign_csr`, whose ``service=True`` a service needs."""
         key = ec.generate_private_key(ec.SECP256R1())
         request = (
             x509.CertificateSigningRequestBuilder()
@@ -314,11 +340,29 @@ class CertificateAuthority:
         checked = [check_serial(serial) for serial in serials]
         if not checked:
             return []
+        self.check_issued(checked)
 
         new = _record_revocations(self.revoked_path, checked)
         for serial in new:
             logger.info("serial %x revoked", serial)
         return new
+
+    def check_issued(self, serials: Iterable[int]) -> None:
+        """Refuse serials this CA has no record of issuing (CAError).
+
+        A CA made before the record was kept refuses none.
+        """
+        wanted = set(serials)
+        try:
+            issued = _recorded_serials(self.issued_path, wanted)
+        except FileNotFoundError:
+            return
+        unknown = sorted(wanted - issued)
+        if unknown:
+            raise CAError(
+                f"serial {unknown[0]:x} was never issued by this CA (not "
+                f"in {self.issued_path}); nothing revoked"
+            )
 
     def revocations(self) -> dict[int, datetime.datetime]:
         """Every serial :meth:`revoke` recorded, with when it was revoked."""
@@ -390,6 +434,7 @@ class CertificateAuthority:
             (INTERMEDIATE_KEY, key_pem(self._intermediate_key), 0o600),
             (ROOT_CERT, chain_pem([self.root]), 0o644),
             (INTERMEDIATE_CERT, chain_pem([self.intermediate]), 0o644),
+            (ISSUED, b"", 0o644),
         ]
         _make_private_dir(self.directory)
 
@@ -445,6 +490,9 @@ class CertificateAuthority:
             .add_extension(self._aki, critical=False)
             .sign(self._intermediate_key, hashes.SHA256())
         )
+        # Recorded before it is handed out: a certificate the record
+        # lacks could not be revoked.
+        _record_issued(self.issued_path, cert.serial_number)
         # The arguments cost more than the line: only when it is shown.
         if logger.isEnabledFor(logging.INFO):
             logger.info(
@@ -515,6 +563,17 @@ def _check_device_subject(subject: x509.Name) -> None:
             f"CSR for {_describe(subject)}: CN {name[:MAX_NAME_BYTES]!r} "
             f"is not a device id ({DEVICE_ID_RULE})"
         )
+
+
+def _check_not_service(subject: x509.Name) -> None:
+    for attribute in subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        name = str(attribute.value)
+        if is_service_name(name):
+            raise CAError(
+                f"CN {name[:MAX_NAME_BYTES]!r} is reserved for a broker "
+                f"service ({', '.join(SERVICE_NAMES)}): the broker would "
+                "grant it rights over other devices' topics; refused"
+            )
 
 
 # Keys a CA of this decade signs for: NIST curves of 256 bits and up,
@@ -959,6 +1018,59 @@ def _record_revocations(path: Path, serials: Sequence[int]) -> list[int]:
         except OSError as exc:
             raise CAError(f"{path}: {exc.strerror or exc}") from None
     return new
+
+
+def _record_issued(path: Path, serial: int) -> None:
+    """Append ``serial`` to the issued record, if the CA keeps one.
+
+    One write of a whole line to a file opened for appending: writers
+    in other processes never interleave within a line.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return  # a CA older than the record
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CAError(f"{path}: not a regular file")
+        line = f"{serial:x} {_now().strftime(_TIME_FORMAT)}\n"
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _recorded_serials(path: Path, wanted: set[int]) -> set[int]:
+    """Those of ``wanted`` that the issued record at ``path`` lists.
+
+    Read line by line: the record grows with every issuance, and only
+    the serials asked about are kept.
+
+    :raises FileNotFoundError: the CA keeps no record.
+    """
+    found: set[int] = set()
+    try:
+        with open(path, "rb", opener=_open_nonblocking) as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise CAError(f"{path}: not a regular file")
+            for line in file:
+                serial_hex = line.split(b" ", 1)[0].strip()
+                try:
+                    serial = int(serial_hex, 16)
+                except ValueError:
+                    continue  # a line cut short by a crash, say
+                if serial in wanted:
+                    found.add(serial)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CAError(f"{path}: {exc.strerror or exc}") from None
+    return found
 
 
 def _make_private_dir(directory: Path) -> None:

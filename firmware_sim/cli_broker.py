@@ -39,7 +39,7 @@ from firmware_sim.ca import (
     key_pem,
     write_files,
 )
-from firmware_sim.cli_ca import CRL_DAYS, server_names
+from firmware_sim.cli_ca import CRL_DAYS, CRL_FILE, holds, server_names
 from firmware_sim.errors import BrokerError, CAError
 from firmware_sim.params import directory_option
 
@@ -225,6 +225,10 @@ def crl(
         raise BrokerError(
             f"{out / CRL}: no such file; run 'firmware-sim broker files "
             f"--dir {directory}' first"
+        )
+    if not holds(out / CRL, CRL_FILE):
+        raise BrokerError(
+            f"{out / CRL} holds something other than CRLs; it is left alone"
         )
 
     factory, operational = _load_cas(factory_ca, registrar_dir)

@@ -17,6 +17,7 @@ from cryptography import x509
 from firmware_sim.ca import (
     CA_DAYS,
     CA_FILES,
+    ISSUED,
     MAX_DAYS,
     REVOKED,
     CertificateAuthority,
@@ -308,16 +309,29 @@ def _is_ca(cert: x509.Certificate) -> bool:
 def _holds_one_crl(data: bytes) -> bool:
     # A file of several CRLs is a broker's crlfile: replaced by one CRL
     # it would make the broker refuse the other issuers' devices.
+    return _crl_count(data) == 1
+
+
+def _holds_crls(data: bytes) -> bool:
+    # A broker's crlfile holds a CRL of each CA it trusts; what replaces
+    # it holds them all again.
+    return _crl_count(data) > 0
+
+
+def _crl_count(data: bytes) -> int:
+    """How many CRLs ``data`` holds, PEM or DER; 0 if it holds more."""
     try:
-        if _PEM_BEGIN in data:
-            if data.count(_PEM_BEGIN) != 1 or not _only_pem_blocks(data):
-                return False
-            x509.load_pem_x509_crl(data)
-        else:
+        if _PEM_BEGIN not in data:
             x509.load_der_x509_crl(data)
+            return 1
+        if not _only_pem_blocks(data):
+            return 0
+        blocks = _PEM_BLOCK.findall(data)
+        for block in blocks:
+            x509.load_pem_x509_crl(block)
     except ValueError:
-        return False
-    return True
+        return 0
+    return len(blocks)
 
 
 # A mistyped --out must not cost a device its config or its key: as
@@ -325,6 +339,7 @@ def _holds_one_crl(data: bytes) -> bool:
 # only what they write themselves.
 _CHAIN = _Holding("a leaf certificate or chain", _holds_leaf_chain)
 _CRL = _Holding("a single CRL", _holds_one_crl)
+CRL_FILE = _Holding("nothing but CRLs", _holds_crls)
 
 
 def _check_out(
@@ -366,20 +381,21 @@ def _check_out(
     for path, what in (inputs or {}).items():
         if _same_file(out, path):
             raise refuse(f"{out} is {what}; the output would replace it")
-    for name in (*CA_FILES, REVOKED):
+    for name in (*CA_FILES, ISSUED, REVOKED):
         if _same_file(out, directory / name):
             raise refuse(f"{out} is the CA's {name}; it is left alone")
     if force:
         return
     if holding is None:
         raise refuse(f"{out} exists; --force replaces it")
-    if not _holds(out, holding):
+    if not holds(out, holding):
         raise refuse(
             f"{out} exists and is not {holding.what}; it is left alone"
         )
 
 
-def _holds(path: Path, holding: _Holding) -> bool:
+def holds(path: Path, holding: _Holding) -> bool:
+    """Whether the file at ``path`` holds what ``holding`` describes."""
     try:
         data = read_small_file(path, holding.what)
     except FileNotFoundError:

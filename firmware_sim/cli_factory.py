@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from firmware_sim.cli_registrar import shorten
 from firmware_sim.device import SOFTWARE, TPM, SimDevice
 from firmware_sim.factory import FactoryLine, ek_ca_config
 from firmware_sim.params import directory_option
-from firmware_sim.registry import device_id_problem
+from firmware_sim.registry import SERIAL, SERIAL_RULE, device_id_problem
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +21,6 @@ CA_DIR = "factory-ca"
 DB_FILE = "factory.sqlite"
 EK_CA_DIR = "ek-ca"
 DEVICES_DIR = "devices"
-
-# A serial as the agent's config takes it.
-SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
-SERIAL_RULE = "1 to 64 printable ASCII characters without spaces"
 
 
 @click.command()

@@ -26,6 +26,7 @@ from firmware_sim.ca import (
     check_serial,
     read_small_file,
 )
+from firmware_sim.cli_ca import CRL_FILE, holds
 from firmware_sim.errors import CAError, SimError
 from firmware_sim.params import (
     CertificateFile,
@@ -43,10 +44,12 @@ from firmware_sim.registry import (
     DECOMMISSIONED,
     DEVICE_ID,
     REVOKED,
-    SERVICE_NAMES,
+    SERIAL,
+    SERIAL_RULE,
     Device,
     Issuance,
     Registry,
+    is_service_name,
 )
 from firmware_sim.revocation import (
     check_broker_pid,
@@ -71,9 +74,6 @@ _DIR = directory_option(
 MAX_SECONDS = MAX_DAYS * 86400
 _SECONDS = click.IntRange(1, MAX_SECONDS)
 
-# X.520 bounds a serialNumber attribute at 64 characters.
-MAX_SERIAL = 64
-
 # One label of a DNS name, as IDNA encodes it.
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
@@ -81,17 +81,13 @@ _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 def _serial(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> str | None:
-    if value is None:
-        return None
-    if not value.strip():
-        problem = "must not be empty; leave the option out instead"
-    elif not value.isprintable():
-        problem = f"{value!r} holds a control character"
-    elif len(value) > MAX_SERIAL:
-        problem = f"{len(value)} characters; at most {MAX_SERIAL} fit"
-    else:
+    # The agent's own rule: a serial it would refuse in its config
+    # could never be the one a device reports.
+    if value is None or SERIAL.fullmatch(value):
         return value
-    raise click.BadParameter(problem, ctx, param)
+    raise click.BadParameter(
+        f"{shorten(value)} is not {SERIAL_RULE}", ctx, param
+    )
 
 
 # How much of a refused value an error message repeats.
@@ -112,7 +108,7 @@ def _device_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
             f"{shorten(value)} is not 1 to 64 letters, digits, '.', '_' "
             "or '-' starting with a letter or digit"
         )
-    elif value in SERVICE_NAMES:
+    elif is_service_name(value):
         problem = f"{value!r} is reserved for a broker service"
     else:
         return value
@@ -435,6 +431,13 @@ def check_outputs(crl_out: Path, broker_pid: int | None) -> None:
         )
     if crl_out.exists() and not resolved.is_file():
         raise SimError(f"--crl-out {crl_out} exists and is not a regular file")
+    # A mistyped path must not cost a CA its key or a device its config:
+    # only a crlfile is replaced, as 'ca crl --out' replaces only a CRL.
+    if crl_out.exists() and not holds(crl_out, CRL_FILE):
+        raise SimError(
+            f"--crl-out {crl_out} exists and holds something other than "
+            "CRLs; it is left alone"
+        )
     parent = crl_out.absolute().parent
     if not parent.is_dir():
         raise SimError(f"--crl-out {crl_out}: no directory {parent}")

@@ -2,20 +2,22 @@
 
 The same work as the registrar group's commands, with the factory
 line's records at hand: decommissioning looks the device's IDevID up
-there, so that its factory certificate is revoked too.
+there, so that its factory certificate is revoked too. Revoking needs
+no records, only the factory CA for the broker's CRL.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from firmware_sim.ca import CertificateAuthority
+from firmware_sim.ca import ROOT_CERT, CertificateAuthority
 from firmware_sim.cli_factory import CA_DIR, DB_FILE
 from firmware_sim.cli_registrar import put_out_of_service
 from firmware_sim.errors import SimError
@@ -28,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+# crl-check's status when a CRL is close to its nextUpdate; one that
+# has passed it exits 1, as RevocationError does.
+EXPIRES_SOON_EXIT = 3
+
 _REGISTRAR_DIR = directory_option(
     "--registrar-dir",
     default="registrar",
@@ -37,13 +43,15 @@ _REGISTRAR_DIR = directory_option(
 _FACTORY_DIR = directory_option(
     "--factory-dir",
     default="factory",
-    help="The factory line (firmware-sim factory --dir).",
+    help="The factory line (firmware-sim factory --dir), or for revoke "
+    "the factory CA alone (firmware-sim ca init --dir).",
 )
 _CRL_OUT = click.option(
     "--crl-out",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="The broker's crlfile, replaced with the new CRLs.",
+    help="The broker's crlfile, replaced with the new CRLs; a file that "
+    "holds anything but CRLs is left alone.",
 )
 _CRL_DAYS = click.option(
     "--crl-days", type=click.IntRange(1, 365), default=1, show_default=True
@@ -92,14 +100,14 @@ def revoke(
     """Cut a compromised device off: its operational certificates go.
 
     Its IDevID stays, so it can still reach the registrar and learn that
-    it needs service.
+    it needs service. The factory line's records are not needed: a
+    world made by hand with 'ca init' works too.
     """
-    _factory_record(factory_dir, device_id)
     put_out_of_service(
         device_id,
         REVOKED,
         registrar_dir,
-        factory_dir / CA_DIR,
+        _factory_ca_dir(factory_dir),
         (),
         crl_out,
         crl_days,
@@ -117,7 +125,12 @@ def decommission(
     crl_days: int,
     broker_pid: int | None,
 ) -> None:
-    """Retire a device: every certificate it holds is revoked, IDevID too."""
+    """Retire a device: every certificate it holds is revoked, IDevID too.
+
+    Its IDevID serial comes from the factory line's records. Without
+    them, name the serial: 'firmware-sim registrar decommission DEVICE
+    --factory-ca CA --idevid-serial HEX --crl-out CRL'.
+    """
     idevid = _factory_record(factory_dir, device_id)
     put_out_of_service(
         device_id,
@@ -146,18 +159,46 @@ def crl_check(crl_file: Path, warn_seconds: float) -> None:
 
     A broker with an expired CRL refuses every new connection of that
     issuer's devices; run this from monitoring.
+
+    \b
+    Exit status:
+      0  every CRL is current
+      3  a CRL expires within --warn-seconds (a warning names it)
+      1  a CRL has expired, or the file holds no readable CRL
+      2  the command was used wrongly
     """
     warnings = check_crl_file(crl_file, warn_seconds)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
+    if warnings:
+        # Its own status, so that monitoring can page on the warning
+        # and tell it from an expired CRL.
+        sys.exit(EXPIRES_SOON_EXIT)
     click.echo(f"{crl_file}: every CRL is current")
+
+
+def _factory_ca_dir(factory_dir: Path) -> Path:
+    """The factory CA of a line's directory, or the directory itself.
+
+    A world set up by hand holds the CA that 'ca init' made, without a
+    line around it.
+    """
+    line_ca = factory_dir / CA_DIR
+    if not line_ca.exists() and (factory_dir / ROOT_CERT).exists():
+        return factory_dir
+    return line_ca
 
 
 def _factory_record(factory_dir: Path, device_id: str) -> int:
     """The IDevID serial the line issued to ``device_id``."""
     database = factory_dir / DB_FILE
     if not database.is_file():
-        raise SimError(f"{database}: no factory records")
+        raise SimError(
+            f"{database}: no factory records to find the IDevID serial of "
+            f"{device_id} in; name it instead: firmware-sim registrar "
+            f"decommission {device_id} --factory-ca CA_DIR --idevid-serial "
+            "HEX --crl-out CRL"
+        )
     ca = CertificateAuthority.load(factory_dir / CA_DIR)
     with FactoryLine(ca, database) as line:
         record = line.record_of(device_id)

@@ -22,12 +22,12 @@ from firmware_sim.broker import Broker
 from firmware_sim.ca import CertificateAuthority, chain_pem, key_pem
 from firmware_sim.errors import SimError
 from firmware_sim.process import stop_process
+from firmware_sim.registry import MONITOR
 from tpm_simulator.ports import free_port, free_port_pair
 from tpm_simulator.swtpm import Swtpm
 
 Echo = Callable[[str], None]
 
-MONITOR = "monitor"
 HEARTBEATS = "devices/+/heartbeat"
 RENEWAL_LIFETIME = 12
 RENEWALS = 3
@@ -201,7 +201,9 @@ class Demo:
 
     def _make_monitor(self, operational: CertificateAuthority) -> None:
         """A back-end client that may read every device's heartbeat."""
-        chain, key = operational.issue_client_cert(MONITOR, days=1)
+        chain, key = operational.issue_client_cert(
+            MONITOR, days=1, service=True
+        )
         directory = self.workdir / "monitor"
         directory.mkdir(mode=0o700)
         self.monitor_chain = directory / "chain.pem"

@@ -61,7 +61,7 @@ from firmware_sim.device import (
 from firmware_sim.errors import SimError
 from firmware_sim.factory import CloneError, FactoryLine, ek_ca_config
 from firmware_sim.registrar import Registrar
-from firmware_sim.registry import DECOMMISSIONED, REVOKED, Registry
+from firmware_sim.registry import DECOMMISSIONED, MONITOR, REVOKED, Registry
 from firmware_sim.revocation import CrlPublisher, revoke_device
 from tpm_simulator.ports import free_port
 
@@ -71,7 +71,6 @@ SCENARIOS = ("lifecycle", "storm", "outage", "clone")
 # The fewest devices each scenario runs with; the README and the fleet
 # command's help list the same numbers.
 MINIMUM_DEVICES = {"lifecycle": 5, "storm": 2, "outage": 2, "clone": 2}
-MONITOR = "monitor"
 HEARTBEATS = "devices/+/heartbeat"
 # In --out: locked by the run that uses the directory; see OutDir.
 LOCK_FILE = ".fleet.lock"
@@ -363,7 +362,9 @@ class World:
         self.stack.callback(self.broker.stop)
 
     def _start_monitor(self) -> None:
-        chain, key = self.operational_ca.issue_client_cert(MONITOR, days=1)
+        chain, key = self.operational_ca.issue_client_cert(
+            MONITOR, days=1, service=True
+        )
         directory = self.directory / "monitor"
         directory.mkdir(mode=0o700)
         chain_path, key_path = directory / "chain.pem", directory / "key.pem"

@@ -229,7 +229,7 @@ def _credential_usable(layout: Layout, ca: CertificateAuthority) -> bool:
 def _make_credential(
     layout: Layout, ca: CertificateAuthority, days: int
 ) -> None:
-    chain, key = ca.issue_client_cert(NAME, days)
+    chain, key = ca.issue_client_cert(NAME, days, service=True)
 
     # The key goes first: a chain whose key is missing is made anew on
     # the next run, so a crash in between costs nothing.

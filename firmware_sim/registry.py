@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from device_agent.config import _SERIAL as SERIAL
 from device_agent.config import DEVICE_ID
 from firmware_sim.database import Database
 from firmware_sim.errors import SimError
@@ -29,10 +30,31 @@ DEVICE_ID_RULE = (
     "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 )
 
-# Names the broker's ACL grants more than a device's own topics. A device
-# certificate carrying one of them would act with that service's rights.
+# A board's serial as the agent's config takes it (SERIAL is the agent's
+# own pattern, so that nothing is registered under a serial the device
+# could not be configured with).
+SERIAL_RULE = "1 to 64 printable ASCII characters without spaces"
+
+# Names the broker's ACL grants more than a device's own topics: the
+# registrar answers every device's enrollment requests, the fleet's and
+# demo's monitor reads (and could write) every device's heartbeats. A
+# device certificate carrying one of them would act with that service's
+# rights, so no device may take one, and no CA certifies one for a
+# device.
 REGISTRAR = "registrar"
-SERVICE_NAMES = (REGISTRAR,)
+MONITOR = "monitor"
+SERVICE_NAMES = (REGISTRAR, MONITOR)
+
+
+def is_service_name(name: str) -> bool:
+    """Whether ``name`` is a service's name, in any case.
+
+    mosquitto matches usernames exactly, but a broker or an ACL written
+    by hand may not: any spelling of a service name is kept from
+    devices.
+    """
+    return name.casefold() in SERVICE_NAMES
+
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -109,18 +131,25 @@ def check_device_id(device_id: object) -> str:
         raise RegistryError(
             f"device id {device_id!r} must be {DEVICE_ID_RULE}"
         )
-    if device_id in SERVICE_NAMES:
+    if is_service_name(device_id):
         raise RegistryError(
             f"device id {device_id!r} is reserved for a broker service"
         )
     return device_id
 
 
+def check_serial(serial: str | None) -> str | None:
+    """The serial unchanged if a device may carry it; RegistryError if not."""
+    if serial is not None and not SERIAL.fullmatch(serial):
+        raise RegistryError(f"serial {serial[:64]!r} is not {SERIAL_RULE}")
+    return serial
+
+
 def device_id_problem(device_id: str) -> str | None:
     """Why a device may not carry ``device_id``; None if it may."""
     if not DEVICE_ID.fullmatch(device_id):
         return f"a device id is {DEVICE_ID_RULE}"
-    if device_id in SERVICE_NAMES:
+    if is_service_name(device_id):
         return "it is reserved for a broker service"
     return None
 
@@ -173,6 +202,7 @@ class Registry(Database):
         typing mistake or a cloned board.
         """
         check_device_id(device_id)
+        check_serial(serial)
         now = _now()
         with self._write() as db:
             # The write lock is held from here on, so no other process

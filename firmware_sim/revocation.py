@@ -59,10 +59,16 @@ def revoke_device(
     :raises RevocationError: for an unknown status, IDevID serials
         that would be ignored, or a decommissioned device asked to be
         merely revoked (nothing changes).
+    :raises CAError: an IDevID serial the factory CA never issued
+        (nothing changes).
     :raises UnknownDeviceError: the device is not in the registry.
     """
     factory_serials = list(idevid_serials)
     _check_request(status, factory_ca, factory_serials)
+    if factory_ca is not None:
+        # Before the status changes: a mistyped serial leaves the
+        # device as it was.
+        factory_ca.check_issued(factory_serials)
     current = registry.get(device_id)
     if (
         current is not None

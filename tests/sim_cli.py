@@ -64,3 +64,14 @@ def swtpm_pids(directory):
         if is_swtpm and named and alive(int(proc.name)):
             pids.append(int(proc.name))
     return pids
+
+
+def mark_issued(ca, *serials):
+    """Record ``serials`` as issued by ``ca``, so that it may revoke them.
+
+    For tests that revoke made-up serials: the CA refuses to revoke one
+    it never issued.
+    """
+    with ca.issued_path.open("a") as record:
+        for serial in serials:
+            record.write(f"{serial:x} 2026-01-01T00:00:00Z\n")

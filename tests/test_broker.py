@@ -119,7 +119,7 @@ def test_service_user_reaches_the_topics_it_was_given(
     broker = broker_factory(
         service_users={"registrar": ["devices/+/enroll/request"]}
     )
-    registrar = connect(broker, make_identity("registrar"))
+    registrar = connect(broker, make_identity("registrar", service=True))
     device = connect(broker, make_identity("dev-a"))
     registrar.subscribe("devices/+/enroll/request")
     registrar.subscribe("devices/+/telemetry")

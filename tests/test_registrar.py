@@ -906,3 +906,46 @@ def test_cli_run_names_an_empty_credential_file(tmp_path):
         assert_refused(result, f"{path} holds no PEM")
         path.write_bytes(kept)
     assert layout.chain_path.read_bytes() == good
+
+
+@pytest.mark.parametrize(
+    "serial", ["a b", "", " ", "tab\there", "é", "x" * 65]
+)
+def test_cli_add_refuses_a_serial_the_agent_would_refuse(
+    capsys, tmp_path, serial
+):
+    """The agent's own rule: 1 to 64 printable ASCII, no space."""
+    where = ["--dir", str(tmp_path / "r")]
+    assert run_cli(capsys, "registrar", "init", *where)[0] == 0
+
+    code, _, err = run_cli(
+        capsys, "registrar", "add", "x2", "--serial", serial, *where
+    )
+
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--serial" in err and "without spaces" in err
+    assert run_cli(capsys, "registrar", "list", *where)[1] == ""
+
+
+def test_registry_refuses_a_serial_the_agent_would_refuse(registry):
+    with pytest.raises(RegistryError, match="without spaces"):
+        registry.add("x2", serial="a b")
+
+    assert registry.devices() == []
+    assert registry.add("x2", serial="SN-1~!").serial == "SN-1~!"
+
+
+@pytest.mark.parametrize("name", ["registrar", "Registrar", "MONITOR"])
+def test_service_names_in_any_case_are_no_device_ids(
+    capsys, tmp_path, registry, name
+):
+    where = ["--dir", str(tmp_path / "r")]
+    assert run_cli(capsys, "registrar", "init", *where)[0] == 0
+
+    code, _, err = run_cli(capsys, "registrar", "add", name, *where)
+
+    assert code == 2
+    assert "reserved for a broker service" in err
+    with pytest.raises(RegistryError, match="reserved"):
+        registry.add(name)

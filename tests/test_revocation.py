@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from device_cli import Device
-from sim_cli import invoke
+from sim_cli import assert_refused, invoke, mark_issued, tree
 from test_renewal import FAST, status, stop, wait_for
 
 from device_agent.core import messages
@@ -252,6 +252,7 @@ def test_cli_decommission_writes_the_crl_and_reloads_the_broker(
 ):
     world = registrar_world
     crl_out = tmp_path / "out-crl.pem"
+    mark_issued(world.factory_ca, 0xABC123)
 
     result = invoke([
         "registrar", "decommission", "dev-1",
@@ -498,3 +499,199 @@ def test_cli_crl_check_says_a_file_of_neither_form_holds_no_crl(
 
     assert_refused(invoke(["crl-check", str(path)]), "holds no CRL")
     assert path.read_bytes() == content
+
+
+def _kept_files(line, layout):
+    """Files a mistyped --crl-out must not replace, by what they are."""
+    config = next((line / "devices").iterdir()) / "agent.toml"
+    return {
+        "the factory CA's key": line / "factory-ca" / "root.key",
+        "the operational CA's certificate": layout.ca_dir / "root.pem",
+        "a device's config": config,
+        "the registrar's chain": layout.chain_path,
+        "the revocation record": line / "factory-ca" / "revoked.txt",
+    }
+
+
+def _out_of_service_argv(command, line, layout, crl_out):
+    if command.startswith("registrar"):
+        verb = command.split()[1]
+        return [
+            "registrar", verb, "dev-0001", "--dir", str(layout.directory),
+            "--factory-ca", str(line / "factory-ca"), "--crl-out",
+            str(crl_out),
+        ]  # fmt: skip
+    argv = revoke_args(line, layout, "--crl-out", str(crl_out))
+    return [command, *argv[1:]]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["revoke", "decommission", "registrar revoke", "registrar decommission"],
+)
+def test_crl_out_refuses_a_file_that_holds_anything_but_crls(
+    line_and_registrar, tmp_path, command
+):
+    """A mistyped --crl-out costs no key, certificate or config."""
+    from firmware_sim.registry import Registry
+
+    line, layout = line_and_registrar
+    (line / "factory-ca" / "revoked.txt").write_text("")
+    for what, path in _kept_files(line, layout).items():
+        before = tree(tmp_path)
+        argv = _out_of_service_argv(command, line, layout, path)
+
+        result = invoke(argv)
+
+        assert_refused(result, f"--crl-out {path}")
+        assert "left alone" in result.output, what
+        assert tree(tmp_path) == before, what
+        with Registry(layout.registry_path, read_only=True) as registry:
+            assert registry.get("dev-0001").status == "active", what
+
+
+@pytest.mark.parametrize("encoding", ["PEM", "DER"])
+def test_crl_out_replaces_a_crlfile_of_one_or_several_crls(
+    line_and_registrar, tmp_path, encoding
+):
+    from firmware_sim.ca import CertificateAuthority
+
+    line, layout = line_and_registrar
+    factory = CertificateAuthority.load(line / "factory-ca")
+    crl_out = tmp_path / "crl.pem"
+    if encoding == "DER":
+        crl = x509.load_pem_x509_crl(factory.crl())
+        crl_out.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    else:
+        crl_out.write_bytes(factory.crl() + factory.crl())
+
+    result = invoke(revoke_args(line, layout, "--crl-out", str(crl_out)))
+
+    assert result.exit_code == 0, result.output
+    assert crl_out.read_bytes().count(b"-----BEGIN X509 CRL-----") == 2
+
+
+def test_broker_crl_replaces_only_a_crlfile(tmp_path, factory_ca):
+    from firmware_sim import registrar
+
+    layout = registrar.prepare(tmp_path / "registrar")
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    crl = broker_dir / "crl.pem"
+    crl.write_bytes((factory_ca.directory / "root.key").read_bytes())
+    argv = [
+        "broker", "crl", "--dir", str(broker_dir),
+        "--factory-ca", str(factory_ca.directory),
+        "--registrar-dir", str(layout.directory),
+    ]  # fmt: skip
+    before = tree(tmp_path)
+
+    result = invoke(argv)
+
+    assert_refused(result, str(crl))
+    assert "left alone" in result.output
+    assert tree(tmp_path) == before
+    crl.write_bytes(factory_ca.crl() + factory_ca.crl())
+    assert invoke(argv).exit_code == 0
+
+
+def test_registrar_decommission_refuses_an_idevid_never_issued(
+    line_and_registrar, tmp_path
+):
+    """A mistyped serial is refused before the device changes."""
+    from firmware_sim.registry import Registry
+
+    line, layout = line_and_registrar
+    argv = [
+        "registrar", "decommission", "dev-0001", "--dir",
+        str(layout.directory), "--factory-ca", str(line / "factory-ca"),
+        "--idevid-serial", "12",
+    ]  # fmt: skip
+    before = tree(tmp_path)
+
+    result = invoke(argv)
+
+    assert_refused(result, "serial 12 was never issued by this CA")
+    assert tree(tmp_path) == before
+    with Registry(layout.registry_path, read_only=True) as registry:
+        assert registry.get("dev-0001").status == "active"
+
+
+@pytest.fixture
+def world_by_hand(tmp_path):
+    """A factory CA made with 'ca init' and a registrar; no factory line."""
+    from firmware_sim import registrar
+    from firmware_sim.registry import Registry
+
+    made = invoke(["ca", "init", "--dir", str(tmp_path / "ca")])
+    assert made.exit_code == 0, made.output
+    layout = registrar.prepare(tmp_path / "registrar")
+    with Registry(layout.registry_path) as registry:
+        registry.add("dev-0001")
+    return tmp_path / "ca", layout
+
+
+def test_cli_revoke_works_in_a_world_made_by_hand(world_by_hand, tmp_path):
+    from firmware_sim.registry import Registry
+
+    ca, layout = world_by_hand
+    crl_out = tmp_path / "crl.pem"
+
+    result = invoke([
+        "revoke", "dev-0001", "--factory-dir", str(ca),
+        "--registrar-dir", str(layout.directory), "--crl-out", str(crl_out),
+    ])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "dev-0001 revoked" in result.output
+    assert crl_out.read_bytes().count(b"-----BEGIN X509 CRL-----") == 2
+    with Registry(layout.registry_path, read_only=True) as registry:
+        assert registry.get("dev-0001").status == REVOKED
+
+
+def test_cli_decommission_without_records_says_how_to_name_the_idevid(
+    world_by_hand, tmp_path
+):
+    ca, layout = world_by_hand
+    before = tree(tmp_path)
+
+    result = invoke([
+        "decommission", "dev-0001", "--factory-dir", str(ca),
+        "--registrar-dir", str(layout.directory),
+        "--crl-out", str(tmp_path / "crl.pem"),
+    ])  # fmt: skip
+
+    assert_refused(result, "no factory records")
+    assert "registrar decommission dev-0001" in result.output
+    assert "--idevid-serial" in result.output
+    assert tree(tmp_path) == before
+
+
+def test_cli_crl_check_exits_3_on_a_warning_and_1_when_expired(
+    factory_ca, tmp_path
+):
+    import datetime
+
+    path = tmp_path / "crl.pem"
+    path.write_bytes(factory_ca.recorded_crl(datetime.timedelta(hours=1)))
+
+    current = invoke(["crl-check", str(path), "--warn-seconds", "60"])
+    soon = invoke(["crl-check", str(path), "--warn-seconds", "7200"])
+    path.write_bytes(
+        factory_ca.crl(
+            next_update=datetime.timedelta(seconds=1),
+            last_update=datetime.datetime.now(datetime.UTC)
+            - datetime.timedelta(hours=1),
+        )
+    )
+    expired = invoke(["crl-check", str(path)])
+    helped = invoke(["crl-check", "--help"])
+
+    assert current.exit_code == 0, current.output
+    assert soon.exit_code == 3, soon.output
+    assert "warning: CRL of" in soon.output
+    assert "every CRL is current" not in soon.output
+    assert expired.exit_code == 1, expired.output
+    assert "expired at" in expired.output
+    assert "3  a CRL expires within --warn-seconds" in helped.output
+    assert "1  a CRL has expired" in helped.output

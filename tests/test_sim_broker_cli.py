@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sim_cli import assert_refused, invoke, tree
+from sim_cli import assert_refused, invoke, mark_issued, tree
 
 from firmware_sim import registrar
 from firmware_sim.ca import CertificateAuthority, chain_pem, key_pem
@@ -288,6 +288,7 @@ def test_server_cert_refuses_bad_input_in_one_line(signing, args, named):
 def test_crl_revokes_and_later_crls_keep_the_revocations(tmp_path, factory_ca):
     out = tmp_path / "crl.pem"
 
+    mark_issued(factory_ca, 0x1A2B, 0xFF)
     first = _crl(factory_ca, out, "--revoke", "1A:2b", "--revoke", "0xff")
     second = _crl(factory_ca, out, "--revoke", "ff", "--days", "7")
 
@@ -327,6 +328,7 @@ def test_revocations_at_once_are_each_recorded_once(factory_ca):
         start.wait()
         factory_ca.revoke([0x5EED, serial])
 
+    mark_issued(factory_ca, 0x5EED, *range(1, 17))
     threads = [
         threading.Thread(target=revoke, args=(serial,))
         for serial in range(1, 17)
@@ -365,6 +367,7 @@ CRL_REFUSALS = {
     ("args", "named"), CRL_REFUSALS.values(), ids=CRL_REFUSALS.keys()
 )
 def test_crl_refuses_bad_input_in_one_line(signing, factory_ca, args, named):
+    mark_issued(factory_ca, 0x10, 0xABC)
     factory_ca.revoke([0x10])
     options = {"--dir": "{tmp}/factory-ca", "--out": "{tmp}/crl.pem"}
     options["--revoke"] = "abc"
@@ -458,6 +461,7 @@ def test_sign_and_crl_replace_what_they_wrote_before(
     csr_file = tmp_path / "device.csr"
     csr_file.write_bytes(_csr_pem("dev-2"))
 
+    mark_issued(factory_ca, 0xABC)
     signed = _sign(factory_ca, csr_file, chain_out)
     listed = _crl(factory_ca, crl_out, "--revoke", "abc")
 
@@ -806,3 +810,70 @@ def _crls(pem):
         for block in pem.split(end)
         if block.strip()
     ]
+
+
+@pytest.mark.parametrize("name", ["registrar", "Registrar", "monitor"])
+def test_sign_refuses_a_csr_named_for_a_broker_service(
+    tmp_path, factory_ca, name
+):
+    """The broker's ACL gives that name rights over every device."""
+    csr_file = tmp_path / "device.csr"
+    csr_file.write_bytes(_csr_pem(name))
+    before = tree(tmp_path)
+
+    result = _sign(factory_ca, csr_file, tmp_path / "chain.pem")
+
+    assert_refused(result, f"CN {name!r} is reserved for a broker service")
+    assert tree(tmp_path) == before
+
+
+def test_only_a_service_certificate_may_carry_a_service_name(factory_ca):
+    from firmware_sim.errors import CAError
+
+    for name in ("registrar", "REGISTRAR", "monitor"):
+        with pytest.raises(CAError, match="reserved for a broker service"):
+            factory_ca.issue_client_cert(name)
+
+    chain, _ = factory_ca.issue_client_cert("registrar", service=True)
+
+    names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert [n.value for n in names] == ["registrar"]
+
+
+def test_crl_refuses_a_serial_the_ca_never_issued(tmp_path, factory_ca):
+    out = tmp_path / "crl.pem"
+    before = tree(tmp_path)
+
+    result = _crl(factory_ca, out, "--revoke", "0x12")
+
+    assert_refused(result, "serial 12 was never issued by this CA")
+    assert tree(tmp_path) == before
+    assert factory_ca.revocations() == {}
+
+
+def test_crl_revokes_a_serial_that_ca_sign_issued(tmp_path, factory_ca):
+    csr_file = tmp_path / "device.csr"
+    csr_file.write_bytes(_csr_pem("dev-2"))
+    signed = _sign(factory_ca, csr_file, tmp_path / "chain.pem")
+    assert signed.exit_code == 0, signed.output
+    serial = signed.output.split()[1]
+
+    result = _crl(factory_ca, tmp_path / "crl.pem", "--revoke", serial)
+
+    assert result.exit_code == 0, result.output
+    assert list(factory_ca.revocations()) == [int(serial, 16)]
+    issued = factory_ca.issued_path.read_text().split()
+    assert serial in issued
+
+
+def test_a_ca_made_before_the_issued_record_revokes_as_before(
+    tmp_path, factory_ca
+):
+    factory_ca.issued_path.unlink()
+
+    result = _crl(factory_ca, tmp_path / "crl.pem", "--revoke", "0x12")
+
+    assert result.exit_code == 0, result.output
+    assert list(factory_ca.revocations()) == [0x12]
+    factory_ca.issue_client_cert("dev-1")
+    assert not factory_ca.issued_path.exists()
