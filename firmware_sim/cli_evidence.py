@@ -42,8 +42,11 @@ def evidence(directory: Path, out: Path | None) -> None:
     click.echo(f"evidence: {md_path} and {json_path}")
     failing = evidence_module.failing_devices(requirements)
     if failing:
-        first, reasons = next(iter(failing.items()))
+        first, names = next(iter(failing.items()))
+        why = next(
+            r.failures[first] for r in requirements if r.name == names[0]
+        )
         raise evidence_module.EvidenceError(
             f"{len(failing)} device(s) fail a requirement, first {first}: "
-            f"{reasons[0]}; see {md_path}"
+            f"{names[0]} ({why}); see {md_path}"
         )

@@ -83,8 +83,18 @@ class Requirement:
 
     @property
     def summary(self) -> str:
-        """The verdict in one line, with what was and was not checked."""
+        """The verdict in one line, with what was and was not checked.
+
+        A requirement not met names its first failing device and why,
+        so the line reads without the report beside it.
+        """
         head = f"{self.verdict}: {self.name}"
+        if self.failures:
+            device_id, why = next(iter(self.failures.items()))
+            return (
+                f"{head} ({self.checked} devices checked, "
+                f"{len(self.failures)} fail; first {device_id}: {why})"
+            )
         if self.verdict != NOT_DEMONSTRATED:
             return f"{head} ({self.checked} devices checked)"
         if not self.checked:
@@ -163,15 +173,14 @@ def assess(directory: Path) -> list[Requirement]:
     factory_ca = CertificateAuthority.load(sources.factory_ca)
     # Read-only throughout: an audit must not change what it audits,
     # not even by giving an empty file a schema.
-    records: dict[str, Record] = {}
-    refusals: dict[str, str] = {}
-    no_records = None
+    # Records that cannot be read leave nothing to judge against: the
+    # audit fails rather than pass over the devices they would name.
     try:
         with FactoryLine(factory_ca, sources.factory_db, True) as line:
             records = {r.device_id: r for r in line.records()}
             refusals = {i: why for _, i, why in line.refusals()}
     except FactoryError as error:
-        no_records = f"not run: {error}"
+        raise EvidenceError(str(error)) from None
     devices, refused = _split_refused(
         _devices(sources.devices), records, refusals
     )
@@ -179,7 +188,6 @@ def assess(directory: Path) -> list[Requirement]:
     issuances: dict[str, list[Issuance]] = {}
     statuses: dict[str, str] = {}
     operational_ca = None
-    no_registry = None
     registrar_dir = sources.registrar
     if registrar_dir is not None:
         try:
@@ -192,23 +200,18 @@ def assess(directory: Path) -> list[Requirement]:
                     )
                 statuses = {d.device_id: d.status for d in registry.devices()}
         except RegistryError as error:
-            no_registry = f"not run: {error}"
-            sources = dataclasses.replace(sources, registrar=None)
-        else:
-            operational_ca = CertificateAuthority.load(registrar_dir / "ca")
+            raise EvidenceError(str(error)) from None
+        operational_ca = CertificateAuthority.load(registrar_dir / "ca")
 
     identity = _unique_identity(devices, records)
     identity.notes.update(refused)
-    if no_records is not None:
-        identity = Requirement(identity.name, identity.how, no_records)
     rotation = _rotation(devices, issuances, statuses, sources)
     revocation = _revocation(
         devices, records, issuances, statuses, sources, factory_ca,
         operational_ca,
     )  # fmt: skip
-    if no_registry is not None:
-        rotation.check = revocation.check = no_registry
     return [
+        _present(devices, refused, records, statuses, sources.devices),
         identity,
         _no_shared_credential(devices),
         _key_never_exported(devices),
@@ -332,6 +335,34 @@ def _split_refused(
         else:
             kept.append(device)
     return kept, refused
+
+
+def _present(
+    devices: list[DeviceState],
+    refused: dict[str, str],
+    records: dict[str, Record],
+    statuses: dict[str, str],
+    directory: Path,
+) -> Requirement:
+    requirement = Requirement(
+        "every recorded device present",
+        "the factory line records every device it makes and the registrar "
+        "every device it serves; each is judged from its own flash",
+        "every device in the factory records or the registry has its "
+        "directory and state directory, so no check passes over it",
+    )
+    found = {device.device_id for device in devices} | set(refused)
+    for device_id in sorted({*records, *statuses}):
+        requirement.checked += 1
+        if device_id in found:
+            continue
+        whose = "factory" if device_id in records else "registrar"
+        if (directory / device_id).is_dir():
+            why = f"on the {whose} records, but its state directory is gone"
+        else:
+            why = f"on the {whose} records, but absent from {directory}"
+        requirement.fail(device_id, why)
+    return requirement
 
 
 def _unique_identity(
@@ -469,7 +500,9 @@ def _key_never_exported(devices: list[DeviceState]) -> Requirement:
             elif not path.read_bytes().startswith(TPM_BLOB):
                 requirement.fail(
                     device.device_id,
-                    f"{path.name} is a software key: not hardware-protected",
+                    f"{path.name} of {path.parents[2].name} is in a software "
+                    "key store: not hardware-protected, the key can be "
+                    "copied",
                 )
     return requirement
 

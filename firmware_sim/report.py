@@ -149,6 +149,11 @@ def _markdown(
         f"process of the fleet (agents, TPMs, broker, runner) at most "
         f"{figures['peak_rss_mb']:.0f} MB.",
         "",
+    ]
+    expected = expected_evidence(outcome)
+    if expected:
+        lines += [expected, ""]
+    lines += [
         "## Checks",
         "",
         "| check | result | detail |",
@@ -269,6 +274,38 @@ def _records_markdown(outcome: Outcome) -> list[str]:
                 f"{refusal['device_serial']}): {refusal['reason']}"
             )
     return lines
+
+
+def expected_evidence(outcome: Outcome) -> str | None:
+    """What ``firmware-sim evidence`` will flag in this run by design.
+
+    A fleet device with a software key fails "private key never
+    exported" there: rightly, as its key is not hardware-protected. The
+    clone scenario gives its original board one on purpose, so that the
+    key can be copied; said here, the finding reads as expected rather
+    than as a fault of the run.
+    """
+    software = [
+        d.device_id
+        for d in outcome.plan.devices
+        if d.key_store == "software" and d.role != "clone"
+    ]
+    if not software:
+        return None
+    why = "its key is in a software key store, not hardware-protected"
+    if outcome.plan.scenario == "clone" and len(software) == 1:
+        why = (
+            "the clone scenario gives the board it clones a software key, "
+            "so that the key can be copied; it is not hardware-protected"
+        )
+    fleet = [d for d in outcome.plan.devices if d.role != "clone"]
+    which = ", ".join(software)
+    if len(software) == len(fleet) > 1:
+        which = "every device"
+    return (
+        f"Evidence to expect: 'firmware-sim evidence' on this run reports "
+        f'NOT MET for "private key never exported" on {which}: {why}.'
+    )
 
 
 def _key_stores(outcome: Outcome) -> str:

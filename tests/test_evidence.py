@@ -136,18 +136,99 @@ def test_line_revocation_is_not_run_and_nothing_checked_is_not_met(fresh):
     assert nothing.verdict == "met"
 
 
-def test_evidence_reads_records_without_changing_them(fresh):
+@pytest.mark.parametrize("content", [b"", b"not sqlite"])
+def test_evidence_fails_on_records_it_cannot_read_and_keeps_them(
+    fresh, content
+):
+    """Unreadable records judge nothing: an error naming the file."""
     database = fresh / "factory.sqlite"
     for extra in fresh.glob("factory.sqlite-*"):
         extra.unlink()
-    database.write_bytes(b"")
+    database.write_bytes(content)
 
-    found = by_name(evidence.assess(fresh))
+    result = invoke(["evidence", str(fresh)])
 
-    assert database.read_bytes() == b""
-    identity = found["unique identity per device"]
-    assert identity.verdict == "not run", identity.check
-    assert "holds no factory records" in identity.check
+    assert_refused(result, str(database))
+    assert database.read_bytes() == content
+    assert not (fresh / "evidence.json").exists()
+
+
+@pytest.fixture
+def run_with_registry(line, tmp_path):
+    """A fleet run's layout around a copy of the line, with a registry."""
+    from firmware_sim import registrar
+    from firmware_sim.registry import Registry
+
+    run = tmp_path / "run"
+    shutil.copytree(line / "devices", run / "devices", symlinks=True)
+    shutil.copytree(line / "factory-ca", run / "world" / "factory-ca")
+    shutil.copy(line / "factory.sqlite", run / "world" / "factory.sqlite")
+    layout = registrar.prepare(run / "world" / "registrar")
+    with Registry(layout.registry_path) as registry:
+        for number in (1, 2, 3):
+            registry.add(f"sim-000{number}")
+    return run, layout
+
+
+def test_a_registered_device_missing_on_disk_fails(run_with_registry):
+    from firmware_sim.registry import Registry
+
+    run, layout = run_with_registry
+    with Registry(layout.registry_path) as registry:
+        registry.add("sim-0009")
+
+    result = invoke(["evidence", str(run)])
+
+    assert result.exit_code == 1, result.output
+    assert "NOT MET: every recorded device present" in result.output
+    assert "sim-0009: on the registrar records, but absent" in result.output
+
+
+def test_evidence_fails_on_a_registry_it_cannot_read(run_with_registry):
+    run, layout = run_with_registry
+    for extra in layout.directory.glob("registry.sqlite-*"):
+        extra.unlink()
+    layout.registry_path.write_bytes(b"not sqlite")
+
+    result = invoke(["evidence", str(run)])
+
+    assert_refused(result, str(layout.registry_path))
+    assert layout.registry_path.read_bytes() == b"not sqlite"
+
+
+@pytest.mark.parametrize("removed", ["device", "state"])
+def test_a_device_on_the_factory_records_missing_on_disk_fails(fresh, removed):
+    device = fresh / "devices" / "sim-0002"
+    shutil.rmtree(device if removed == "device" else device / "state")
+
+    result = invoke(["evidence", str(fresh)])
+
+    assert result.exit_code == 1, result.output
+    why = "its state directory is gone" if removed == "state" else "absent"
+    assert (
+        f"NOT MET: every recorded device present (3 devices checked, 1 "
+        f"fail; first sim-0002: on the factory records, but {why}"
+    ) in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: 1 device(s) fail") and "sim-0002" in last
+
+
+def test_a_software_key_is_flagged_saying_why(tmp_path):
+    """A reader learns why from the line itself: the key can be copied."""
+    line = tmp_path / "line"
+    made = invoke([
+        "factory", "--dir", str(line), "--count", "1", "--software-keys",
+    ])  # fmt: skip
+    assert made.exit_code == 0, made.output
+
+    result = invoke(["evidence", str(line)])
+
+    assert result.exit_code == 1
+    assert (
+        "NOT MET: private key never exported (1 devices checked, 1 fail; "
+        "first sim-0001: key.pkcs8.pem of idevid is in a software key "
+        "store: not hardware-protected, the key can be copied)"
+    ) in result.output
 
 
 def test_secure_reset_on_a_line_is_not_demonstrated(fresh):

@@ -215,7 +215,8 @@ def test_expired_crl_locks_out_new_connections_until_reissued(
     finally:
         publisher.stop()
     result = invoke(["crl-check", str(world.crl_path), "--warn-seconds", "60"])
-    assert result.exit_code == 0, result.output
+    # A warning has a status of its own, for monitoring to page on.
+    assert result.exit_code == 3, result.output
     assert "warning: CRL of" in result.output
 
 
@@ -269,6 +270,35 @@ def test_report_names_the_key_store_of_each_device():
     assert stores == (
         f"{original}, {clone} (the clone): software, NOT hardware; "
         "TPM (swtpm) for the others"
+    )
+
+
+def test_report_says_the_clone_scenario_evidence_flags_its_original(
+    tmp_path,
+):
+    """Evidence flags the board the clone copies; the report says why."""
+    outcome = fleet.Outcome(fleet.plan("clone", 3, 9))
+    outcome.started = outcome.finished = 1000.0
+    original = next(
+        d.device_id
+        for d in outcome.plan.devices[:-1]
+        if d.key_store == "software"
+    )
+
+    expected = report.expected_evidence(outcome)
+
+    assert expected == (
+        "Evidence to expect: 'firmware-sim evidence' on this run reports "
+        f'NOT MET for "private key never exported" on {original}: the '
+        "clone scenario gives the board it clones a software key, so that "
+        "the key can be copied; it is not hardware-protected."
+    )
+    assert expected in report.write(outcome, tmp_path)["markdown"].read_text()
+    tpm = fleet.Outcome(fleet.plan("storm", 3, 9))
+    assert report.expected_evidence(tpm) is None
+    software = fleet.Outcome(fleet.plan("storm", 3, 9, software_keys=True))
+    assert "on every device: its key is in a software key store" in (
+        report.expected_evidence(software) or ""
     )
 
 
