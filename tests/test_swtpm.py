@@ -88,12 +88,10 @@ def test_cli_stop_of_a_stopped_swtpm_says_none_was_running(tmp_path):
     assert stopped.stderr == ""
 
 
-@pytest.mark.parametrize("made", [True, False], ids=["empty", "missing"])
-def test_cli_status_of_a_state_dir_never_started_is_down(tmp_path, made):
+def test_cli_status_of_a_state_dir_never_started_is_down(tmp_path):
     """Down is exit 3, as for a stopped swtpm; nothing is created."""
     state = tmp_path / "tpm"
-    if made:
-        state.mkdir()
+    state.mkdir()
     before = sorted(tmp_path.rglob("*"))
 
     result = _run_cli("status", "--state-dir", str(state))
@@ -109,6 +107,20 @@ def test_cli_status_of_a_state_dir_never_started_is_down(tmp_path, made):
     assert facts["answers"] is False
     assert facts["state_dir"] == str(state)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_status_of_a_state_dir_that_does_not_exist_is_an_error(
+    tmp_path,
+):
+    """A mistyped path is said in one line, not shown as a TPM down."""
+    state = tmp_path / "nonexistent"
+
+    result = _run_cli("status", "--state-dir", str(state))
+
+    assert result.returncode == 1
+    _assert_one_line_naming(result, f"{state}: no such directory")
+    assert result.stdout == ""
+    assert not state.exists()
 
 
 def test_cli_status_refuses_a_state_dir_under_a_file(tmp_path):

@@ -122,8 +122,9 @@ def stop(state_dir: Path) -> None:
 def status(state_dir: Path, as_json: bool) -> None:
     """Show whether swtpm runs and answers; exit 3 if it does not.
 
-    A state dir where swtpm never ran, or that does not exist yet, is
-    down like one whose swtpm stopped.
+    A state dir where swtpm never ran is down like one whose swtpm
+    stopped; one that does not exist is an error (exit 1), most likely
+    a mistyped path.
     """
     port = remembered_port(state_dir)
     if port is None:
@@ -160,7 +161,13 @@ def _never_started(state_dir: Path) -> dict[str, Any]:
     try:
         os.lstat(state_dir / PORT_FILE)
     except FileNotFoundError:
-        pass
+        # Reported as down, a mistyped path would pass for a TPM to
+        # start; no swtpm ever ran where there is no directory.
+        if not os.path.lexists(state_dir):
+            raise SimulatorError(
+                f"{state_dir}: no such directory; 'tpm-simulator start' "
+                "makes it"
+            ) from None
     except OSError as exc:
         raise SimulatorError(f"{state_dir}: {exc.strerror or exc}") from None
 
