@@ -28,7 +28,7 @@ MQTT_VERSIONS = ("5", "3.1.1")
 # A device id is a certificate CN and an MQTT topic level, so it must not
 # hold topic wildcards, separators or anything a shell would trip over.
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
+SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
 _TCTI = re.compile(r"(swtpm|mssim|device|tabrmd|libtpms)(:.*)?")
 # Numbers given as text take ASCII digits only: int() and float() also
 # read other scripts' digits, which no one means in a config.
@@ -214,7 +214,7 @@ def _host(value: Any) -> str:
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "device_id": _text(DEVICE_ID, "1-64 letters, digits, '.', '_' or '-'"),
     "state_dir": _path,
-    "serial": _text(_SERIAL, "1-64 printable characters without spaces"),
+    "serial": _text(SERIAL, "1-64 printable characters without spaces"),
     "key_store": _choice(KEY_STORES),
     "tcti": _tcti,
     "broker_host": _host,

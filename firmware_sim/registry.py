@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from device_agent.config import _SERIAL as SERIAL
-from device_agent.config import DEVICE_ID
+from device_agent.config import DEVICE_ID, SERIAL
 from firmware_sim.database import Database
 from firmware_sim.errors import SimError
 
