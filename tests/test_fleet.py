@@ -256,14 +256,19 @@ def test_cli_fleet_writes_the_report_where_asked(tmp_path):
     assert found["private key never exported"].verdict == "NOT MET"
 
 
-def test_report_names_the_key_store_of_each_device():
-    outcome = fleet.Outcome(fleet.plan("clone", 3, 9))
-    clone = outcome.plan.devices[-1].device_id
-    original = next(
+def _cloned_board(outcome: fleet.Outcome) -> str:
+    """The board of a clone plan whose key the clone copies."""
+    return next(
         d.device_id
         for d in outcome.plan.devices[:-1]
         if d.key_store == "software"
     )
+
+
+def test_report_names_the_key_store_of_each_device():
+    outcome = fleet.Outcome(fleet.plan("clone", 3, 9))
+    clone = outcome.plan.devices[-1].device_id
+    original = _cloned_board(outcome)
 
     stores = report._key_stores(outcome)
 
@@ -279,11 +284,7 @@ def test_report_says_the_clone_scenario_evidence_flags_its_original(
     """Evidence flags the board the clone copies; the report says why."""
     outcome = fleet.Outcome(fleet.plan("clone", 3, 9))
     outcome.started = outcome.finished = 1000.0
-    original = next(
-        d.device_id
-        for d in outcome.plan.devices[:-1]
-        if d.key_store == "software"
-    )
+    original = _cloned_board(outcome)
 
     expected = report.expected_evidence(outcome)
 
