@@ -27,10 +27,7 @@ logger = logging.getLogger(__name__)
 def main(verbose: bool, debug: bool) -> None:
     """Simulate the factory, registrar and broker around devices."""
     level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=logging.DEBUG if debug else level,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    edge.configure_logging(logging.DEBUG if debug else level)
 
 
 main.add_command(broker)

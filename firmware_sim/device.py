@@ -390,9 +390,10 @@ def probe_command(device: SimDevice, lineage: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    from device_agent.cli.edge import configure_logging
+
+    configure_logging(
+        logging.WARNING, "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if sys.argv[1:2] == ["--probe"]:
         print(probe(Path(sys.argv[3]), sys.argv[2]))

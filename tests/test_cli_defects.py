@@ -1104,3 +1104,16 @@ def test_control_characters_in_a_path_never_reach_the_terminal(device):
     assert "\x1b" not in result.out + result.err
     assert "\x07" not in result.out + result.err
     assert "\\x1b]0;pwned" in result.out + result.err
+
+
+def test_log_lines_escape_control_characters_one_record_a_line():
+    """The formatter all three CLIs log through."""
+    import logging
+
+    from device_agent.cli.edge import PrintableFormatter
+
+    record = logging.LogRecord(
+        "x", logging.WARNING, __file__, 1, "file %s", ("a\x1b[2Jb\nc",), None
+    )
+    line = PrintableFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "WARNING file a\\x1b[2Jb\\nc"

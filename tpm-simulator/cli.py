@@ -72,10 +72,7 @@ _STATE_DIR = click.option(
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Run a software TPM 2.0 (swtpm) on loopback."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    edge.configure_logging(logging.DEBUG if debug else logging.WARNING)
     if not debug:
         # The TSS libraries print their own errors to stderr; a failed
         # flush is reported here, in one line.

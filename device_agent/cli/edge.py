@@ -1,7 +1,9 @@
-"""Where errors become one line on stderr and an exit code, for every CLI."""
+"""Where errors become one line on stderr and an exit code, for every CLI,
+and how their log lines are written."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import traceback
@@ -94,6 +96,27 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """One log record, one line: control characters in it are escaped.
+
+    A path or a peer's words in a message could otherwise drive the
+    terminal or forge a line of the log; a traceback (--debug) is
+    added after this and keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        return printable(super().formatMessage(record))
+
+
+def configure_logging(
+    level: int, form: str = "%(levelname)s %(name)s: %(message)s"
+) -> None:
+    """Log to stderr at ``level``, each record on a line of its own."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter(form))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _fail(message: str, code: int) -> NoReturn:

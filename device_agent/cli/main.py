@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -103,32 +102,12 @@ def cli(
     """Identity agent: a device key in the TPM, its certificate, and a
     mutual-TLS MQTT session made with it."""
     level = logging.DEBUG if debug else logging.INFO if verbose else None
-    _configure_logging(level or logging.WARNING)
+    edge.configure_logging(level or logging.WARNING)
     if not debug:
         # The TSS libraries print their own errors to stderr; the agent
         # reports TPM failures itself, one line each.
         os.environ.setdefault("TSS2_LOG", "all+NONE")
     ctx.obj = App(config_flag, _parse_overrides(overrides))
-
-
-def _configure_logging(level: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _PrintableFormatter("%(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=level, handlers=[handler])
-
-
-class _PrintableFormatter(logging.Formatter):
-    """One log record, one line: control characters in it are escaped.
-
-    A path or a peer's words in a message could otherwise drive the
-    terminal or forge a line of the log; a traceback (--debug) is
-    added after this and keeps its lines.
-    """
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
-        return edge.printable(super().formatMessage(record))
 
 
 def _register() -> None:
