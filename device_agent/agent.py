@@ -127,6 +127,11 @@ class Agent:
                 self._recover()
                 self.last_good = self._read_last_good()
                 logger.info("agent started for %s", self.settings.device_id)
+                # Ready means running, not connected: a board that boots
+                # without network must not be killed for it by a start
+                # timeout. STATUS says whether it is connected.
+                self.notifier.send(ready="1", status=self._summary())
+                self._check_watchdog()
                 while not self._stop:
                     self._guarded_tick()
                     self._sleep()
@@ -193,6 +198,27 @@ class Agent:
             )
         self._write_status_quietly()
         self.notifier.send(watchdog="1", status=self._summary())
+
+    def _check_watchdog(self) -> None:
+        """Warn when one wait of the agent can outlast the watchdog.
+
+        A connect or an enrollment blocks the loop for up to its timeout,
+        and no watchdog ping goes out meanwhile.
+        """
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        longest = max(
+            self.settings.connect_timeout, self.settings.enroll_timeout
+        )
+        if longest >= interval:
+            logger.warning(
+                "connect_timeout or enroll_timeout (%g s) is not below "
+                "half the service's WatchdogSec (%g s): a slow broker "
+                "will get the agent killed by the watchdog",
+                longest,
+                interval * 2,
+            )
 
     def _sleep(self) -> None:
         deadline = min(self.next_heartbeat, self.next_renewal)
@@ -377,7 +403,7 @@ class Agent:
         self.next_heartbeat = self.now()
         self._schedule_renewal()
         self._write_status_quietly()
-        self.notifier.send(ready="1", status=self._summary())
+        self.notifier.send(status=self._summary())
         logger.info(
             "connected with the %s credential, generation %d",
             lineage,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -307,7 +308,6 @@ def test_a_second_daemon_on_the_same_state_is_refused(
 
 
 def test_daemon_tells_systemd_and_runs_the_hook(tmp_path, registrar_world):
-    import socket
 
     world = registrar_world
     world.start_registrar(lifetime=300)
@@ -345,6 +345,36 @@ def test_daemon_tells_systemd_and_runs_the_hook(tmp_path, registrar_world):
     assert serial == f"{issued[-1].cert_serial:x}"
     assert device_id == world.device_id
     assert any("STATUS=" in s for s in said)
+
+
+def test_an_agent_without_a_broker_is_ready_and_warns_of_the_watchdog(
+    tmp_path, registrar_world
+):
+    """READY=1 means running: a board that boots offline is not killed
+    by the unit's start timeout; a timeout longer than the watchdog's
+    half interval is named at start."""
+    from tpm_simulator.ports import free_port
+
+    device = bring_up(tmp_path, registrar_world, None)
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(20)
+    nobody = free_port()
+    agent = device.start(
+        "--set", f"broker_port={nobody}",
+        env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "8000000"},
+    )  # fmt: skip
+    try:
+        said = listener.recv(4096).decode()
+        while "READY=1" not in said:
+            said = listener.recv(4096).decode()
+    finally:
+        out = stop(agent)
+        listener.close()
+    assert "STATUS=" in said
+    assert "connected" not in said.replace("connecting", "")
+    assert "half the service's WatchdogSec (8 s)" in out
 
 
 @pytest.mark.parametrize("kind", ["slow", "failing"])
