@@ -228,7 +228,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "connect_timeout": _number(0.1, 3600, "seconds"),
     "openssl_modules": _path,
     "heartbeat_interval": _number(0.1, 86400, "seconds"),
-    "offline_queue": _integer(0, 1_000_000),
+    # A message takes a place in the queue until its PUBACK, online too.
+    "offline_queue": _integer(1, 1_000_000),
     "renew_fraction": _number(0.1, 0.95, "a fraction of the lifetime"),
     "renew_jitter": _number(0, 0.5, "a fraction of the lifetime"),
     "renew_floor": _number(0, 365 * 86400, "seconds"),

@@ -189,6 +189,7 @@ BASE = 'device_id = "a"\nstate_dir = "/s"\n'
     [
         ("broker_port", "-5", "must be between 1 and 65535"),
         ("broker_port", "+70000", "must be between 1 and 65535"),
+        ("offline_queue", "0", "must be between 1 and 1000000"),
         ("keepalive", "\u0661\u0660\u0660", "must be a whole number"),
         ("connect_timeout", "\u0661\u0660", "must be seconds"),
         ("connect_timeout", "1_0", "must be seconds"),
