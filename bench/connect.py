@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench import report
 from bench.native import CClient, Handshakes, SClient, STime
+from bench.stopping import stoppable
 from bench.tpmlog import TpmLog, summary
 from bench.world import Device, World, world
 from device_agent import config, credential, tls
@@ -530,6 +531,7 @@ def _summarize(bench: ConnectBench, memory: dict[str, list[int]]) -> None:
     )
 
 
+@stoppable
 def main() -> int:
     options = report.arguments("bench.connect", __doc__ or "")
     report.quiet_logging()

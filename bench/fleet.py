@@ -46,6 +46,7 @@ from cryptography.x509.oid import NameOID
 
 from bench import report
 from bench.native import CONNACK, DISCONNECT, mqtt5_connect
+from bench.stopping import stoppable
 from bench.world import World, world
 from device_agent import config, credential
 from device_agent.config import Settings
@@ -406,6 +407,7 @@ def build_table(
     return table
 
 
+@stoppable
 def main() -> int:
     options = report.arguments("bench.fleet", __doc__ or "", _more)
     report.quiet_logging()

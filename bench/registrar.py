@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bench import report
+from bench.stopping import stoppable
 from device_agent.core import messages
 from firmware_sim import registrar
 from firmware_sim.ca import CertificateAuthority
@@ -281,6 +282,7 @@ def build_table(rates: dict[str, list[float]], runs: int) -> report.Table:
     return table
 
 
+@stoppable
 def main() -> int:
     options = report.arguments("bench.registrar", __doc__ or "")
     report.quiet_logging()

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from bench import report
+from bench.stopping import stoppable
 from bench.tpmlog import TpmLog, summary
 from bench.world import Device, World, world
 from device_agent import config, credential, keys
@@ -249,6 +250,7 @@ def _summarize(tpm: Renewer, inline: Renewer, soft: Renewer) -> None:
     )
 
 
+@stoppable
 def main() -> int:
     options = report.arguments("bench.renewal", __doc__ or "")
     report.quiet_logging()

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench import report
+from bench.stopping import stoppable
 from bench.world import Device, world
 from device_agent.keys import tpmproc
 
@@ -45,6 +46,7 @@ LIBRARIES_WITH_PYTSS = (
 )
 
 
+@stoppable
 def main() -> None:
     options = report.arguments("bench.rest", __doc__ or "")
     report.quiet_logging()
@@ -246,4 +248,4 @@ def _print(
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

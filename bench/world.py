@@ -38,14 +38,23 @@ REGISTRAR_LIFETIME = 3600
 class _Server(Protocol):
     def start(self, timeout: float = ...) -> None: ...
 
+    def stop(self, timeout: float = ...) -> object: ...
+
 
 S = TypeVar("S", bound=_Server)
 
 
-def start_on_free_port(make: Callable[[], S]) -> S:
-    """Start a server built by ``make``, on new ports if they were taken."""
+def start_on_free_port(
+    stack: contextlib.ExitStack, make: Callable[[], S]
+) -> S:
+    """Start a server built by ``make``, on new ports if they were taken.
+
+    Its stop goes on ``stack`` before it starts: a stop signal while it
+    starts up must not leave it running.
+    """
     for attempt in range(1, PORT_ATTEMPTS + 1):
         server = make()
+        stack.callback(server.stop)
         try:
             server.start()
         except PortInUseError:
@@ -158,18 +167,15 @@ def world(registered: Sequence[str] = ()) -> Iterator[World]:
     CA serves renewals for those devices as well; the broker then trusts
     both roots and checks CRLs, as in the field.
     """
-    root = Path(tempfile.mkdtemp(prefix="bench-"))
-    # As root, mosquitto works as its own user, which cannot enter the
-    # 0700 directory above, so the broker gets a directory of its own.
-    broker_dir = Path(tempfile.mkdtemp(prefix="bench-broker-"))
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, root, ignore_errors=True)
-        stack.callback(shutil.rmtree, broker_dir, ignore_errors=True)
+        root = _temporary(stack, "bench-")
+        # As root, mosquitto works as its own user, which cannot enter
+        # the 0700 directory above, so the broker gets one of its own.
+        broker_dir = _temporary(stack, "bench-broker-")
 
         swtpm = start_on_free_port(
-            lambda: Swtpm(root / "swtpm", free_port_pair())
+            stack, lambda: Swtpm(root / "swtpm", free_port_pair())
         )
-        stack.callback(swtpm.stop)
         factory_ca = CertificateAuthority.create(root / "factory-ca")
         options = _server_files(factory_ca, root / "server")
         client_ca_file = factory_ca.root_path
@@ -193,14 +199,14 @@ def world(registered: Sequence[str] = ()) -> Iterator[World]:
             )
 
         broker = start_on_free_port(
+            stack,
             lambda: Broker(
                 workdir=broker_dir,
                 port=free_port(),
                 ca_file=client_ca_file,
                 **options,
-            )
+            ),
         )
-        stack.callback(broker.stop)
         made = World(root, swtpm, factory_ca, broker, client_ca_file)
 
         if registered:
@@ -211,6 +217,15 @@ def world(registered: Sequence[str] = ()) -> Iterator[World]:
             for device_id in registered:
                 made.registry.add(device_id)
         yield made
+
+
+def _temporary(stack: contextlib.ExitStack, prefix: str) -> Path:
+    """A new temporary directory, removed when ``stack`` closes."""
+    # The removal is on the stack before anything is written in it, so
+    # that keys never outlive the run, however it ends.
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    stack.callback(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _start_registrar(
@@ -235,8 +250,8 @@ def _start_registrar(
         layout.key_path,
         lifetime=REGISTRAR_LIFETIME,
     )
-    registrar.start()
     stack.callback(registrar.stop)
+    registrar.start()
     return registry, registrar
 
 

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bench import report
+from bench.stopping import stoppable
 from bench.world import Device, World, world
 from campaigns import common
 from device_agent.core import messages
@@ -858,6 +859,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()

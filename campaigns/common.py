@@ -10,22 +10,17 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from bench import report
 from bench.world import Device, World
 
 STORES = ("tpm", "software")
-# What a shell reports for a command stopped by SIGINT (128 + 2).
-INTERRUPTED = 130
-
-Main = Callable[[Sequence[str] | None], int]
 
 
 def argument_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
@@ -131,25 +126,6 @@ def failed(failures: Sequence[str]) -> bool:
     for failure in failures:
         print(f"!! {failure}", file=sys.stderr)
     return bool(failures)
-
-
-def interruptible(main: Main) -> Main:
-    """``main``, ending on Ctrl-C with one line and exit status 130.
-
-    A campaign runs for minutes and people stop it; its ``with`` blocks
-    have stopped the brokers and simulators by the time the interrupt
-    gets here, so a traceback would only hide that nothing is left over.
-    """
-
-    @functools.wraps(main)
-    def wrapper(argv: Sequence[str] | None = None) -> int:
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return INTERRUPTED
-
-    return wrapper
 
 
 def check_exercised(failures: list[str], connects: int, renewals: int) -> None:

@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 
 from bench import report
+from bench.stopping import stoppable
 from bench.world import Device, World, world
 from campaigns import common
 from device_agent import chain, config, keys
@@ -138,10 +139,15 @@ class Target:
             process = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-            time.sleep(delay)
-            landed = process.poll() is None
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=KILL_TIMEOUT)
+            try:
+                time.sleep(delay)
+                landed = process.poll() is None
+            finally:
+                # Also when the campaign itself is stopped: a renewal
+                # left running would write into a directory being
+                # removed.
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=KILL_TIMEOUT)
             if landed:
                 return late
             delay /= 2
@@ -287,7 +293,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
 
 
-@common.interruptible
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()

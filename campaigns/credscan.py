@@ -44,6 +44,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from bench.stopping import stoppable
 from campaigns import common
 from firmware_sim.ca import CertificateAuthority
 
@@ -306,6 +307,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     files = tracked_files(options.top)

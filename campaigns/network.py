@@ -54,6 +54,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import report
+from bench.stopping import stoppable
 from bench.world import Device, World, world
 from campaigns import common
 from campaigns.common import STORES
@@ -546,6 +547,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()

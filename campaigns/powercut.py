@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bench import report
+from bench.stopping import stoppable
 from bench.world import Device, world
 from campaigns import common
 from campaigns.crash import KILL_TIMEOUT, CheckError, Kill, Target
@@ -593,7 +594,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
 
 
-@common.interruptible
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()

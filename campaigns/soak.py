@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import report
+from bench.stopping import stoppable
 from bench.world import Device, World, world
 from campaigns import common
 from campaigns.common import STORES
@@ -288,6 +289,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.stopping import stoppable
 from bench.world import Device, World, world
 from campaigns import common
 from device_agent.agent import RestartError
@@ -442,6 +443,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
     report.quiet_logging()

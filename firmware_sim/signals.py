@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -36,8 +36,10 @@ class _StopSignal(BaseException):
 
 
 @contextlib.contextmanager
-def stopped_by_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into StoppedError while inside.
+def stopped_by_signals(
+    signals: Iterable[signal.Signals] = STOP_SIGNALS,
+) -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP (or ``signals``) into StoppedError inside.
 
     Without this, such a signal ends the process at once and leaves
     behind whatever it started (swtpm, mosquitto, agents) and their
@@ -54,7 +56,7 @@ def stopped_by_signals() -> Iterator[None]:
 
     # A signal ignored on purpose, as nohup does with SIGHUP, stays so.
     previous: dict[signal.Signals, Any] = {}
-    for number in STOP_SIGNALS:
+    for number in signals:
         if signal.getsignal(number) is not signal.SIG_IGN:
             previous[number] = signal.signal(number, interrupt)
 

@@ -60,7 +60,7 @@ def test_ctrl_c_ends_a_campaign_with_one_line(campaign, monkeypatch, capsys):
     monkeypatch.setattr(campaign, "world", _ctrl_c)
     assert campaign.main(["--seed", "1"]) == 130
     captured = capsys.readouterr()
-    assert captured.err == "interrupted\n"
+    assert captured.err == "error: interrupted\n"
     assert captured.out == ""
 
 
