@@ -411,3 +411,85 @@ def test_stock_firmware_refuses_a_secure_element_key_in_one_line(
         "error: TransportError: this firmware's TLS stack cannot sign "
         "with a secure element"
     )
+
+
+def _one_failed_event(config_path, tmp_path):
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from device_agent.micro import agent\n"
+        f"sys.exit(0 if agent.main({str(config_path)!r}) else 1)\n"
+    )
+    result = subprocess.run(
+        [str(MICROPYTHON), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == ""
+    (line,) = result.stdout.splitlines()
+    event = json.loads(line.removeprefix("EVENT "))
+    assert event["event"] == "failed"
+    return event["detail"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[1]", "not a JSON object"),
+        ("null", "not a JSON object"),
+        ('"hello"', "not a JSON object"),
+        ("{", "not JSON"),
+        ('{"device_id": "d"}', "missing host, port, server_name, ca,"),
+        (
+            '{"device_id": "d", "host": "h", "port": 1, "server_name": "h",'
+            ' "ca": "x.der", "state": "/s", "signer": {}, "time": {}}',
+            "ca is not a list of file paths",
+        ),
+        (
+            '{"device_id": "d", "host": "h", "port": 1, "server_name": "h",'
+            ' "ca": [], "state": "/s", "signer": [], "time": {}}',
+            "signer is not an object",
+        ),
+    ],
+)
+def test_a_config_the_board_cannot_use_is_named(tmp_path, text, expected):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    detail = _one_failed_event(path, tmp_path)
+    assert detail.startswith(f"error: config {path}: "), detail
+    assert expected in detail, detail
+
+    missing = tmp_path / "no-config.json"
+    detail = _one_failed_event(missing, tmp_path)
+    assert detail == (
+        f"error: config {missing}: no such file or directory (2)"
+    ), detail
+
+
+def test_missing_files_and_an_absent_broker_are_named(
+    registrar_world, host_signer, tmp_path
+):
+    from tpm_simulator.ports import free_port
+
+    state = tmp_path / "flash"
+    state.mkdir()
+    provision(registrar_world, host_signer, state)
+    config = write_config(
+        registrar_world, host_signer, state, port=free_port()
+    )
+    detail = _one_failed_event(config, tmp_path)
+    assert "connection refused (111)" in detail, detail
+
+    (state / "idevid" / "current").write_bytes(b"00000009\n")
+    detail = _one_failed_event(config, tmp_path)
+    assert detail.endswith("current names no generation on flash"), detail
+
+    lost = state / "ca0.der"
+    lost.unlink()
+    detail = _one_failed_event(config, tmp_path)
+    assert detail == (
+        f"error: CA file {lost}: no such file or directory (2)"
+    ), detail

@@ -31,7 +31,12 @@ import time
 from device_agent.core import clock, der, flashstore, messages
 from device_agent.micro import csr, mqtt, transport
 from device_agent.micro.boardclock import BoardClock
-from device_agent.micro.errors import BoardError, SignerError, StepError
+from device_agent.micro.errors import (
+    BoardError,
+    SignerError,
+    StepError,
+    os_reason,
+)
 
 IDEVID = "idevid"
 LDEVID = "ldevid"
@@ -72,7 +77,7 @@ class Agent:
             LDEVID: flashstore.FlashStore(root + "/" + LDEVID, keep=1),
         }
         self.last_good_path = root + "/last_good"
-        self.cas = [_read(path) for path in config["ca"]]
+        self.cas = [_read_file(path, "CA file") for path in config["ca"]]
         self.skew = config.get("clock_skew", clock.DEFAULT_SKEW)
         self.client = None
         self.identity = None
@@ -83,6 +88,12 @@ class Agent:
         """Connect with the operational identity, else the factory one."""
         which = LDEVID if self.stores[LDEVID].current() else IDEVID
         if self.stores[which].current() is None:
+            pointer = self.stores[which].root + "/" + flashstore.POINTER
+            if _read_text(pointer) is not None:
+                raise StepError(
+                    "error",
+                    pointer + " names no generation on flash",
+                )
             raise StepError("error", "no factory identity provisioned")
         number = self.stores[which].current()
         self.client, self.fields = self.connect(which, number)
@@ -323,7 +334,7 @@ def main(config_path, renewals=0):
     board_clock = None
     agent = None
     try:
-        config = json.loads(_read(config_path))
+        config = read_config(config_path)
         # The clock is set before anything else looks at a certificate.
         board_clock = make_clock(config["time"])
         agent = Agent(config, make_signer(config["signer"]), board_clock)
@@ -349,6 +360,9 @@ def main(config_path, renewals=0):
         what = type(error).__name__ + ": " + str(error)
         _failed(agent, config, board_clock, "error: " + what)
         return False
+    except OSError as error:
+        _failed(agent, config, board_clock, "error: " + os_reason(error))
+        return False
     except Exception as error:
         _failed(agent, config, board_clock, "error: " + repr(error))
         return False
@@ -356,6 +370,45 @@ def main(config_path, renewals=0):
         if agent is not None:
             agent.close()
     return True
+
+
+# What a board's configuration must name.
+REQUIRED = (
+    "device_id",
+    "host",
+    "port",
+    "server_name",
+    "ca",
+    "state",
+    "signer",
+    "time",
+)
+
+
+def read_config(path):
+    """The configuration at ``path``; StepError naming what is wrong."""
+    try:
+        config = json.loads(_read_file(path, "config"))
+    except ValueError:
+        raise StepError("error", "config " + path + ": not JSON") from None
+    if not isinstance(config, dict):
+        raise StepError("error", "config " + path + ": not a JSON object")
+    missing = [name for name in REQUIRED if name not in config]
+    if missing:
+        raise StepError(
+            "error", "config " + path + ": missing " + ", ".join(missing)
+        )
+    for name in ("time", "signer"):
+        if not isinstance(config[name], dict):
+            raise StepError(
+                "error", "config " + path + ": " + name + " is not an object"
+            )
+    cas = config["ca"]
+    if not isinstance(cas, list) or not all(isinstance(c, str) for c in cas):
+        raise StepError(
+            "error", "config " + path + ": ca is not a list of file paths"
+        )
+    return config
 
 
 def _failed(agent, config, board_clock, detail):
@@ -392,6 +445,15 @@ def _event(name, agent, milliseconds=None, detail=None):
 def _read(path):
     with open(path, "rb") as handle:
         return handle.read()
+
+
+def _read_file(path, what):
+    try:
+        return _read(path)
+    except OSError as error:
+        raise StepError(
+            "error", what + " " + path + ": " + os_reason(error)
+        ) from None
 
 
 def _read_text(path):

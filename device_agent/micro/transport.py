@@ -14,7 +14,7 @@ import socket
 
 import tls
 
-from device_agent.micro.errors import TransportError
+from device_agent.micro.errors import TransportError, os_reason
 
 
 def open_tls(
@@ -44,13 +44,19 @@ def open_tls(
     for certificate in chain_ders:
         context.load_cert_chain(certificate, key_der)
 
-    address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0][-1]
+    where = host + ":" + str(port)
+    try:
+        address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as error:
+        raise TransportError(where + ": " + os_reason(error)) from None
     raw = socket.socket()
     try:
         raw.settimeout(timeout)
-        raw.connect(address)
+        raw.connect(address[0][-1])
         wrapped = context.wrap_socket(raw, server_hostname=server_name)
     except OSError as error:
         raw.close()
-        raise TransportError("TLS to " + host + ": " + repr(error)) from None
+        raise TransportError(
+            "TLS to " + where + ": " + os_reason(error)
+        ) from None
     return wrapped, raw.settimeout
