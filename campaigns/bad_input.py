@@ -65,6 +65,7 @@ NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
 CLI_TIMEOUT = 60.0
 FAST = {"enroll_timeout": 1.0, "connect_timeout": 5.0}
+GROUPS = ("chains", "configs", "cli", "responses", "requests")
 
 
 @dataclasses.dataclass
@@ -847,15 +848,17 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--groups",
-        default="chains,configs,cli,responses,requests",
-        help="which case groups to run",
+        default=",".join(GROUPS),
+        help=f"which case groups to run (default {','.join(GROUPS)})",
     )
     options = parser.parse_args(argv)
     if options.every < 1:
         parser.error("--every must be at least 1")
     if options.fuzz < 0:
         parser.error("--fuzz must not be negative")
-    options.groups = set(options.groups.split(","))
+    options.groups = set(
+        common.choose(parser, "--groups", options.groups, GROUPS)
+    )
     return options
 
 
@@ -901,6 +904,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.add("failed", str(len(tally.failures)), "")
     table.add("time", f"{time.monotonic() - started:.1f} s", "")
     table.print()
+    if not tried and not sum(tally.fuzzed.values()):
+        # A run that tried nothing has shown nothing, whatever it says.
+        tally.failures.append("no case was run")
     return 1 if common.failed(tally.failures) else 0
 
 

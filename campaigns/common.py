@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import math
 import random
 import shutil
 import sys
@@ -43,6 +44,24 @@ def choose(
     if not chosen or set(chosen) - set(choices):
         parser.error(f"{option} takes a list from {','.join(choices)}")
     return chosen
+
+
+def positive(
+    parser: argparse.ArgumentParser,
+    options: argparse.Namespace,
+    *names: str,
+    zero: bool = False,
+) -> None:
+    """A usage error unless each option is a finite number above zero.
+
+    With ``zero``, zero is allowed too. ``names`` are attribute names,
+    ``tight_queue`` for ``--tight-queue``.
+    """
+    for name in names:
+        value = getattr(options, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            least = "must not be negative" if zero else "must be positive"
+            parser.error(f"--{name.replace('_', '-')} {least}")
 
 
 def seed(given: int | None) -> int:

@@ -304,7 +304,24 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     for tree in options.tree:
         if not tree.is_dir():
             parser.error(f"--tree {tree}: not a directory")
+    if not _is_checkout(options.top):
+        parser.error(f"--top {options.top}: not the top of a git checkout")
     return options
+
+
+def _is_checkout(top: Path) -> bool:
+    """Whether ``top`` is the top directory of a git working tree."""
+    # Its tracked files are what is scanned; below the top, git would
+    # list only part of them, so a subdirectory is refused as well.
+    shown = subprocess.run(
+        ["git", "-C", str(top), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if shown.returncode != 0:
+        return False
+    return Path(shown.stdout.strip()).resolve() == top.resolve()
 
 
 @stoppable

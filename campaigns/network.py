@@ -539,11 +539,10 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     options.faults = common.choose(parser, "--faults", options.faults, FAULTS)
     options.stores = common.choose(parser, "--stores", options.stores, STORES)
-    for name in ("outage", "stall", "cap", "heartbeat"):
-        if getattr(options, name) <= 0:
-            parser.error(f"--{name} must be positive")
-    if options.tight_queue < 0:
-        parser.error("--tight-queue must not be negative")
+    common.positive(
+        parser, options, "outage", "stall", "cap", "heartbeat", "cpu"
+    )
+    common.positive(parser, options, "tight_queue", zero=True)
     return options
 
 

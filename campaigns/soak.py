@@ -278,14 +278,12 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stores", default="tpm")
     options = parser.parse_args(argv)
     options.stores = common.choose(parser, "--stores", options.stores, STORES)
-    if options.minutes <= 0:
-        parser.error("--minutes must be positive")
+    common.positive(parser, options, "minutes", "every", "warmup")
+    common.positive(
+        parser, options, "rss_tolerance", "fd_tolerance", zero=True
+    )
     if options.lifetime < 2:
         parser.error("--lifetime must be at least 2 seconds")
-    if options.every <= 0:
-        parser.error("--every must be positive")
-    if options.warmup < 1:
-        parser.error("--warmup must be at least 1")
     return options
 
 
