@@ -15,29 +15,54 @@ from pathlib import Path
 DEFAULT_RUNS = 20
 
 
-def arguments(
-    module: str,
+RUN_DESCRIPTION = """\
+Run every benchmark under bench/ with the project's venv, each against a
+baseline measured in the same run; print each one's table, then one
+table of the headline figures and the commit they were measured on.
+Exits non-zero if any benchmark failed. The options go to every
+benchmark; they are checked once, here, before any of them runs.
+"""
+
+
+def parser(
+    prog: str,
     description: str,
     more: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> argparse.Namespace:
-    """The options every benchmark takes, ``--runs N``, and ``more``."""
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {module}",
+) -> argparse.ArgumentParser:
+    """The parser of the options every benchmark takes, and ``more``."""
+    made = argparse.ArgumentParser(
+        prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
+    made.add_argument(
         "--runs",
         type=int,
         default=DEFAULT_RUNS,
         help=f"repetitions of each measurement (default {DEFAULT_RUNS})",
     )
     if more is not None:
-        more(parser)
-    options = parser.parse_args()
+        more(made)
+    return made
+
+
+def parse(
+    made: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """``argv`` parsed and checked, or a usage error (exit status 2)."""
+    options = made.parse_args(argv)
     if options.runs < 1:
-        parser.error("--runs must be at least 1")
+        made.error("--runs must be at least 1")
     return options
+
+
+def arguments(
+    module: str,
+    description: str,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark takes, ``--runs N``, and ``more``."""
+    return parse(parser(f"python -m {module}", description, more))
 
 
 def quiet_logging() -> None:
@@ -134,3 +159,18 @@ def summarize(
     row = {"what": what, "value": value, "baseline": baseline, "note": note}
     with open(path, "a", encoding="utf-8") as stream:
         stream.write(json.dumps(row) + "\n")
+
+
+def check_run_arguments(argv: Sequence[str]) -> int:
+    """Check the arguments ``bench/run`` passes to every benchmark.
+
+    A usage error is said once and ends with status 2; ``--help`` prints
+    what ``bench/run`` does, to stdout, which is how the script knows to
+    run nothing.
+    """
+    parse(parser("bench/run", RUN_DESCRIPTION), argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(check_run_arguments(sys.argv[1:]))

@@ -125,3 +125,37 @@ def test_the_daemon_at_rest_benchmark_runs():
     assert "RSS, restarted" in result.stdout
     assert "CPU |" in result.stdout
     assert "!! objects left loaded" not in result.stdout
+
+
+def _bench_run(*args):
+    return subprocess.run(
+        [str(TOP / "bench" / "run"), *args],
+        cwd=TOP,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_bench_run_refuses_a_bad_option_once_and_runs_nothing():
+    result = _bench_run("--runs", "abc")
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "usage: bench/run [-h] [--runs RUNS]",
+        "bench/run: error: argument --runs: invalid int value: 'abc'",
+    ]
+
+
+@pytest.mark.parametrize("option", ["--help", "-h"])
+def test_bench_run_help_says_what_it_does_and_runs_nothing(option):
+    result = _bench_run(option)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: bench/run ")
+    assert "Run every benchmark" in result.stdout
+    assert "--runs RUNS" in result.stdout
+    assert "## bench." not in result.stdout
+    assert result.stderr == ""
