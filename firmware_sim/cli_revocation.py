@@ -163,9 +163,10 @@ def crl_check(crl_file: Path, warn_seconds: float) -> None:
     \b
     Exit status:
       0  every CRL is current
-      3  a CRL expires within --warn-seconds (a warning names it)
-      1  a CRL has expired, or the file holds no readable CRL
+      1  a CRL has expired, or is not yet valid (thisUpdate to come)
       2  the command was used wrongly
+      3  a CRL expires within --warn-seconds (a warning names it)
+      4  the file holds no CRL, or one of its CRLs is unreadable
     """
     warnings = check_crl_file(crl_file, warn_seconds)
     for warning in warnings:

@@ -38,6 +38,16 @@ class RevocationError(SimError):
     """A device cannot be revoked as asked, or its CRL not published."""
 
 
+class UnreadableCrlError(RevocationError):
+    """A crlfile, or one block of it, is not a CRL that can be read.
+
+    Its own exit status tells monitoring a broken file apart from an
+    expired CRL: the fix is a different one.
+    """
+
+    exit_code = 4
+
+
 def revoke_device(
     registry: Registry,
     operational_ca: CertificateAuthority,
@@ -189,6 +199,11 @@ def signal_reload(pid: int) -> None:
 REFRESH_FRACTION = 0.5
 
 
+# OpenSSL, and so mosquitto, holds a CRL not yet valid until its
+# thisUpdate; clocks a little apart should not make that a problem.
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+
 @dataclasses.dataclass(frozen=True)
 class CrlState:
     """One CRL in a crlfile: whose it is and how long it still holds."""
@@ -196,15 +211,23 @@ class CrlState:
     issuer: str
     next_update: datetime.datetime
     revoked: int
+    this_update: datetime.datetime | None = None
 
     def remaining(self, now: datetime.datetime) -> float:
         return (self.next_update - now).total_seconds()
+
+    def not_yet_valid(self, now: datetime.datetime) -> bool:
+        """Whether it starts later than ``now``, beyond the clock skew."""
+        if self.this_update is None:
+            return False
+        return self.this_update > now + CLOCK_SKEW
 
 
 def crl_states(data: bytes) -> list[CrlState]:
     """Every CRL in a PEM crlfile, in file order, or the one of a DER file.
 
-    Data that is neither holds no CRL: the list is empty.
+    Data that is neither holds no CRL: the list is empty. A PEM block
+    that is not a CRL raises UnreadableCrlError naming it.
     """
     states = []
     for crl in _load_crls(data):
@@ -212,21 +235,41 @@ def crl_states(data: bytes) -> list[CrlState]:
         if next_update is None:
             raise RevocationError(f"CRL of {crl.issuer} has no nextUpdate")
         states.append(
-            CrlState(crl.issuer.rfc4514_string(), next_update, len(crl))
+            CrlState(
+                crl.issuer.rfc4514_string(),
+                next_update,
+                len(crl),
+                crl.last_update_utc,
+            )
         )
     return states
 
 
 def _load_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     if _CRL_END in data:
+        blocks = data.split(_CRL_END)[:-1]
         return [
-            x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END)
-            for block in data.split(_CRL_END)[:-1]
+            _load_pem_block(block, number, len(blocks))
+            for number, block in enumerate(blocks, start=1)
         ]
     try:
         return [x509.load_der_x509_crl(data)]
     except ValueError:
         return []
+
+
+def _load_pem_block(
+    block: bytes, number: int, count: int
+) -> x509.CertificateRevocationList:
+    try:
+        return x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END)
+    except ValueError:
+        # cryptography's reason is a parser's debug text; which block is
+        # broken is what a person can act on.
+        raise UnreadableCrlError(
+            f"CRL {number} of {count} is not readable (its PEM block is "
+            "damaged or holds no CRL)"
+        ) from None
 
 
 def check_crl_file(
@@ -237,18 +280,32 @@ def check_crl_file(
     OpenSSL, and so mosquitto, treats a CRL past its nextUpdate as a
     failed check: every new connection with a certificate of that
     issuer is refused (over TLS 1.2 with a certificate_expired alert),
-    while sessions already open stay up. Nothing in the broker's log
-    names the CRL, so this check is what makes it loud.
+    while sessions already open stay up. A CRL whose thisUpdate is
+    still to come fails the same way. Nothing in the broker's log
+    names the CRL, so this check is what makes it loud. A file that
+    holds no readable CRL raises UnreadableCrlError.
     """
     now = now or datetime.datetime.now(datetime.UTC)
     try:
         states = crl_states(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise RevocationError(f"{path}: no readable CRL ({exc})") from None
+    except UnreadableCrlError as exc:
+        raise UnreadableCrlError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise UnreadableCrlError(
+            f"{path}: cannot be read ({exc.strerror or exc})"
+        ) from None
     if not states:
-        raise RevocationError(f"{path}: holds no CRL")
+        raise UnreadableCrlError(f"{path}: holds no CRL")
     warnings = []
     for state in states:
+        if state.not_yet_valid(now):
+            assert state.this_update is not None
+            raise RevocationError(
+                f"CRL of {state.issuer} in {path} is not yet valid: its "
+                f"thisUpdate is {state.this_update:%Y-%m-%d %H:%M:%S}Z; "
+                "until then the broker refuses every device certificate "
+                "that issuer signed"
+            )
         left = state.remaining(now)
         if left <= 0:
             raise RevocationError(

@@ -492,13 +492,64 @@ def test_cli_crl_check_reads_a_der_crl(factory_ca, tmp_path):
 def test_cli_crl_check_says_a_file_of_neither_form_holds_no_crl(
     tmp_path, content
 ):
-    from sim_cli import assert_refused
 
     path = tmp_path / "crl"
     path.write_bytes(content)
 
-    assert_refused(invoke(["crl-check", str(path)]), "holds no CRL")
+    result = invoke(["crl-check", str(path)])
+
+    assert result.exit_code == 4, result.output
+    assert result.output == f"error: {path}: holds no CRL\n"
     assert path.read_bytes() == content
+
+
+def test_cli_crl_check_names_the_unreadable_block_of_a_crlfile(
+    factory_ca, tmp_path
+):
+    """One good CRL and one damaged: the damaged one is named, exit 4."""
+    import datetime
+
+    good = factory_ca.recorded_crl(datetime.timedelta(days=1))
+    damaged = (
+        b"-----BEGIN X509 CRL-----\nMIIBAAAAAAAAAAAA\n-----END X509 CRL-----\n"
+    )
+    path = tmp_path / "crl.pem"
+    path.write_bytes(good + damaged)
+
+    result = invoke(["crl-check", str(path)])
+
+    assert result.exit_code == 4, result.output
+    assert result.output == (
+        f"error: {path}: CRL 2 of 2 is not readable (its PEM block is "
+        "damaged or holds no CRL)\n"
+    )
+
+
+def test_cli_crl_check_refuses_a_crl_not_yet_valid(factory_ca, tmp_path):
+    """A thisUpdate beyond the clock skew fails like an expired CRL."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC)
+    path = tmp_path / "crl.pem"
+    path.write_bytes(
+        factory_ca.crl(
+            next_update=datetime.timedelta(days=1),
+            last_update=now + datetime.timedelta(hours=1),
+        )
+    )
+    later = invoke(["crl-check", str(path)])
+    path.write_bytes(
+        factory_ca.crl(
+            next_update=datetime.timedelta(days=1),
+            last_update=now + datetime.timedelta(minutes=2),
+        )
+    )
+    within_skew = invoke(["crl-check", str(path)])
+
+    assert later.exit_code == 1, later.output
+    assert later.output.count("\n") == 1
+    assert "is not yet valid: its thisUpdate is " in later.output
+    assert within_skew.exit_code == 0, within_skew.output
 
 
 def _kept_files(line, layout):
@@ -694,4 +745,5 @@ def test_cli_crl_check_exits_3_on_a_warning_and_1_when_expired(
     assert expired.exit_code == 1, expired.output
     assert "expired at" in expired.output
     assert "3  a CRL expires within --warn-seconds" in helped.output
-    assert "1  a CRL has expired" in helped.output
+    assert "1  a CRL has expired, or is not yet valid" in helped.output
+    assert "4  the file holds no CRL, or one of its CRLs" in helped.output
