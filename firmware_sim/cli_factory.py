@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
 
 import click
 
+from firmware_sim import lock
 from firmware_sim.ca import CertificateAuthority
 from firmware_sim.cli_registrar import shorten
 from firmware_sim.device import SOFTWARE, TPM, SimDevice
-from firmware_sim.factory import FactoryLine, ek_ca_config
+from firmware_sim.factory import FactoryError, FactoryLine, ek_ca_config
 from firmware_sim.params import directory_option
 from firmware_sim.registry import SERIAL, SERIAL_RULE, device_id_problem
 
@@ -21,6 +23,8 @@ CA_DIR = "factory-ca"
 DB_FILE = "factory.sqlite"
 EK_CA_DIR = "ek-ca"
 DEVICES_DIR = "devices"
+# In --dir: held by the run that uses the line; a second is refused.
+LOCK_FILE = ".factory.lock"
 
 
 @click.command()
@@ -65,11 +69,33 @@ def factory(
     and an id the line made with another serial, before writing
     anything. Re-running a batch keeps the devices already made
     ("kept ...") and makes the rest, so an interrupted run resumes.
+    One run at a time may use a line: a second is refused.
     """
     _check_prefix(prefix, count)
     _check_serial_base(serial_base, count)
     directory = directory.absolute()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Two runs on one line would make its CA twice and race for each
+    # device's key; the second is refused before it touches anything.
+    with lock.hold(directory / LOCK_FILE, partial(_in_use, directory)):
+        _make_batch(directory, prefix, serial_base, count, software_keys, ek)
+
+
+def _in_use(directory: Path, pid: int | None) -> FactoryError:
+    holder = f" (pid {pid})" if pid is not None else ""
+    return FactoryError(
+        f"{directory} is in use by another factory run{holder}"
+    )
+
+
+def _make_batch(
+    directory: Path,
+    prefix: str,
+    serial_base: str,
+    count: int,
+    software_keys: bool,
+    ek: bool,
+) -> None:
     ca_dir = directory / CA_DIR
     if (ca_dir / "root.pem").exists():
         ca = CertificateAuthority.load(ca_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import itertools
 import json
 import logging
@@ -47,6 +46,7 @@ from rich.progress import (
 from device_agent.credential import FACTORY, OPERATIONAL
 from device_agent.session import Session
 from device_agent.tls import client_context
+from firmware_sim import lock
 from firmware_sim import registrar as registrar_module
 from firmware_sim.broker import Broker
 from firmware_sim.ca import CertificateAuthority, chain_pem, key_pem
@@ -1240,7 +1240,7 @@ class OutDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path).absolute()
-        self._fd: int | None = None
+        self._held: contextlib.ExitStack | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -1249,42 +1249,27 @@ class OutDir:
 
     def __enter__(self) -> OutDir:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(
-            self.path / LOCK_FILE,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
-            0o600,
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise FleetError(
-                f"{self.path} is in use by another fleet run{holder}"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-
-        # The pid is only for the message of a run that is refused.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        held = contextlib.ExitStack()
+        held.enter_context(lock.hold(self.path / LOCK_FILE, self._refuse))
+        self._held = held
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            # Closing releases the lock. The file stays: removing it
-            # would let a run that opened it just before lock a file
-            # no one else can find.
-            os.close(self._fd)
-            self._fd = None
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def _refuse(self, pid: int | None) -> FleetError:
+        holder = f" (pid {pid})" if pid is not None else ""
+        return FleetError(
+            f"{self.path} is in use by another fleet run{holder}"
+        )
 
     def run(
         self, the_plan: Plan, console: Console | None = None
     ) -> tuple[Outcome, Path]:
         """Run ``the_plan`` in :attr:`run_dir`, replacing a previous run."""
-        if self._fd is None:
+        if self._held is None:
             raise FleetError(f"{self.path} is not held: use 'with OutDir'")
         workdir = self.run_dir
         if workdir.exists():
@@ -1298,12 +1283,3 @@ class OutDir:
         except DeviceError as exc:
             raise FleetError(str(exc)) from None
         return outcome, workdir
-
-
-def _lock_holder(fd: int) -> str:
-    """ " (pid N)" naming the run that holds the lock, if it says."""
-    try:
-        pid = int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return ""
-    return f" (pid {pid})"

@@ -6,8 +6,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import errno
-import fcntl
 import hashlib
 import itertools
 import json
@@ -34,6 +32,7 @@ from device_agent.core import messages
 from device_agent.errors import SessionError
 from device_agent.keys.software import write_private_file
 from device_agent.session import Message, Session
+from firmware_sim import lock
 from firmware_sim.ca import (
     CA_FILES,
     ROOT_CERT,
@@ -155,27 +154,15 @@ def hold_directory(directory: Path) -> Iterator[None]:
     The lock goes with the process, so a killed registrar leaves none
     behind; the pid inside only names the holder for the refusal.
     """
-    path = Path(directory) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as exc:
-        raise RegistrarError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            raise RegistrarError(
-                f"{directory}: a registrar (pid {holder or '?'}) serves "
-                "this directory already"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def refuse(pid: int | None) -> RegistrarError:
+        return RegistrarError(
+            f"{directory}: a registrar (pid {pid or '?'}) serves this "
+            "directory already"
+        )
+
+    with lock.hold(Path(directory) / LOCK_FILE, refuse, mode=0o644):
         yield
-    finally:
-        os.close(fd)
 
 
 def prepare(

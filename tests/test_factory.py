@@ -278,3 +278,45 @@ def test_cli_factory_refuses_a_bad_serial_base_before_writing(
     assert_refused(result, named)
     assert result.exit_code == 2
     assert not (tmp_path / "line").exists()
+
+
+def test_cli_factory_refuses_a_second_run_on_a_line_in_use(tmp_path):
+    """One run at a time per line; the second names the first's pid."""
+    import subprocess
+    import sys
+    import time
+
+    from sim_cli import assert_refused, invoke
+
+    from firmware_sim.cli_factory import LOCK_FILE
+
+    line = tmp_path / "line"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "firmware_sim",
+         *factory_args(line, 30, "par", "SN")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        lock = line / LOCK_FILE
+        while not (lock.exists() and lock.read_text().strip()):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+        second = invoke(factory_args(line, 30, "par", "SN"))
+        running = first.poll() is None
+    finally:
+        out, err = first.communicate(timeout=120)
+
+    assert running, "the first run ended before the second started"
+    assert_refused(
+        second, f"{line} is in use by another factory run (pid {first.pid})"
+    )
+    assert first.returncode == 0, err
+    assert out.count("made par-") == 30
+    again = invoke(factory_args(line, 30, "par", "SN"))
+    assert again.exit_code == 0, again.output
+    assert again.output.count("kept par-") == 30
