@@ -459,3 +459,17 @@ def _swtpm_pids(directory):
         if is_swtpm and mentioned and _alive(int(proc.name)):
             pids.append(int(proc.name))
     return pids
+
+
+def test_cli_status_help_lists_every_exit_status():
+    """Each status the command can end with is in --help, with its cause."""
+    result = _run_cli("status", "--help")
+
+    assert result.returncode == 0, result.stderr
+    for line in (
+        "0  swtpm runs and answers",
+        "1  the state dir does not exist or cannot be read",
+        "2  the command was used wrongly",
+        "3  swtpm is not running, or does not answer",
+    ):
+        assert line in result.stdout, result.stdout

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Long enough for the slowest machine, short enough to notice a typo.
 MAX_TIMEOUT = 3600.0
+# `status` of a TPM that is not running: its own status, so a script
+# can tell it from a mistyped state dir (1).
+DOWN_EXIT = 3
 
 
 class _StateDir(click.Path):
@@ -117,11 +120,18 @@ def stop(state_dir: Path) -> None:
 @_STATE_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(state_dir: Path, as_json: bool) -> None:
-    """Show whether swtpm runs and answers; exit 3 if it does not.
+    """Show whether swtpm runs and answers.
 
     A state dir where swtpm never ran is down like one whose swtpm
-    stopped; one that does not exist is an error (exit 1), most likely
-    a mistyped path.
+    stopped; one that does not exist is an error, most likely a
+    mistyped path.
+
+    \b
+    Exit status:
+      0  swtpm runs and answers
+      1  the state dir does not exist or cannot be read
+      2  the command was used wrongly
+      3  swtpm is not running, or does not answer
     """
     port = remembered_port(state_dir)
     if port is None:
@@ -136,7 +146,7 @@ def status(state_dir: Path, as_json: bool) -> None:
             click.echo(f"{name}: {value}")
 
     if not facts["answers"]:
-        sys.exit(3)
+        sys.exit(DOWN_EXIT)
 
 
 @main.command()
