@@ -1,5 +1,6 @@
 """firmware-sim ca server-cert, ca crl and broker: a broker set up by hand."""
 
+import json
 import os
 import shutil
 import signal
@@ -877,3 +878,87 @@ def test_a_ca_made_before_the_issued_record_revokes_as_before(
     assert list(factory_ca.revocations()) == [0x12]
     factory_ca.issue_client_cert("dev-1")
     assert not factory_ca.issued_path.exists()
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_DIR = "/etc/mosquitto/device-agent"
+
+
+def _rules(text):
+    """The lines of an ACL that say something, comments left out."""
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_the_example_config_runs_mosquitto_on_the_files_broker_files_wrote(
+    broker_dir, files_for, make_identity, mqtt_probe, factory_ca, tmp_path
+):
+    """examples/mosquitto.conf as shipped, only its directory and port set."""
+    example = (EXAMPLES / "mosquitto.conf").read_text()
+    port = free_port()
+    made = files_for(broker_dir, "--port", str(port))
+    assert made.exit_code == 0, made.output
+    named = {
+        line.split()[1].removeprefix(EXAMPLE_DIR + "/")
+        for line in _rules(example)
+        if line.split()[0] in ("cafile", "certfile", "keyfile", "crlfile")
+        or line.startswith("acl_file ")
+    }
+    assert named == set(BROKER_FILES) - {"mosquitto.conf"}
+
+    assert example.count("listener 8883\n") == 1
+    config = broker_dir.parent / "example.conf"
+    config.write_text(
+        example.replace(EXAMPLE_DIR, str(broker_dir)).replace(
+            "listener 8883\n", f"listener {port} 127.0.0.1\n"
+        )
+    )
+    config.chmod(0o644)
+    log_path = tmp_path / "mosquitto.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["mosquitto", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + STARTED_WITHIN
+        while port_is_free(port):
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+
+        device = make_identity("dev-example", ca=factory_ca)
+        probe = mqtt_probe("example-device")
+        assert probe.connect(port, broker_dir / "ca-bundle.pem", device)
+        probe.subscribe("devices/dev-example/#")
+        probe.publish("devices/dev-example/hello", b"hello")
+        got = probe.wait_for_message("devices/dev-example/hello")
+        assert got.payload == b"hello"
+    finally:
+        process.terminate()
+        process.wait(STARTED_WITHIN)
+
+
+def test_the_example_acl_and_rabbitmq_users_match_broker_files(
+    broker_dir, files_for
+):
+    """One set of rights everywhere: devices, and the registrar alone."""
+    made = files_for(broker_dir)
+    assert made.exit_code == 0, made.output
+    written = _rules((broker_dir / "acl").read_text())
+    definitions = json.loads(
+        (EXAMPLES / "rabbitmq-definitions.json").read_text()
+    )
+    services = {
+        user["name"]
+        for user in definitions["users"]
+        if user["metadata"]["description"] == "device-agent service"
+    }
+
+    assert _rules((EXAMPLES / "acl").read_text()) == written
+    assert {
+        line.split()[1] for line in written if line.startswith("user ")
+    } == (services)
+    assert services == {registrar.NAME}
