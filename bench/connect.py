@@ -351,6 +351,8 @@ def _python_memory() -> tuple[int, int]:
         [sys.executable, "-c", "print('ready', flush=True); input()"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        # A terminal's Ctrl-C reaches it too; its traceback is noise.
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     try:

@@ -286,6 +286,10 @@ class Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            # A terminal's Ctrl-C reaches the benchmark alone, which
+            # then closes its workers' sessions in order, rather than
+            # every worker ending on its own with a line of its own.
+            start_new_session=True,
         )
 
     def tell(self, word: str) -> None:
