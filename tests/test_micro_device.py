@@ -312,26 +312,7 @@ def test_setup_failures_are_one_failed_event(
             }
         )
     )
-    code = (
-        "import sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "from device_agent.micro import agent\n"
-        f"sys.exit(0 if agent.main({str(config)!r}) else 1)\n"
-    )
-    result = subprocess.run(
-        [str(MICROPYTHON), "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr == ""
-    lines = result.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("EVENT "), lines
-    event = json.loads(lines[0][len("EVENT ") :])
-    assert event["event"] == "failed"
+    event = _one_failed_event(config, tmp_path)
     assert event["device_id"] == "dev-1"
     assert event["detail"].startswith(expected), event
 
@@ -414,9 +395,12 @@ def test_stock_firmware_refuses_a_secure_element_key_in_one_line(
 
 
 def _one_failed_event(config_path, tmp_path):
+    """The one ``failed`` event of a board agent run on ``config_path``;
+    ``tmp_path`` may hold a stand-in module (ntptime)."""
     code = (
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "from device_agent.micro import agent\n"
         f"sys.exit(0 if agent.main({str(config_path)!r}) else 1)\n"
     )
@@ -430,9 +414,10 @@ def _one_failed_event(config_path, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == ""
     (line,) = result.stdout.splitlines()
+    assert line.startswith("EVENT "), line
     event = json.loads(line.removeprefix("EVENT "))
     assert event["event"] == "failed"
-    return event["detail"]
+    return event
 
 
 @pytest.mark.parametrize(
@@ -458,12 +443,12 @@ def _one_failed_event(config_path, tmp_path):
 def test_a_config_the_board_cannot_use_is_named(tmp_path, text, expected):
     path = tmp_path / "config.json"
     path.write_text(text)
-    detail = _one_failed_event(path, tmp_path)
+    detail = _one_failed_event(path, tmp_path)["detail"]
     assert detail.startswith(f"error: config {path}: "), detail
     assert expected in detail, detail
 
     missing = tmp_path / "no-config.json"
-    detail = _one_failed_event(missing, tmp_path)
+    detail = _one_failed_event(missing, tmp_path)["detail"]
     assert detail == (
         f"error: config {missing}: no such file or directory (2)"
     ), detail
@@ -480,16 +465,16 @@ def test_missing_files_and_an_absent_broker_are_named(
     config = write_config(
         registrar_world, host_signer, state, port=free_port()
     )
-    detail = _one_failed_event(config, tmp_path)
+    detail = _one_failed_event(config, tmp_path)["detail"]
     assert "connection refused (111)" in detail, detail
 
     (state / "idevid" / "current").write_bytes(b"00000009\n")
-    detail = _one_failed_event(config, tmp_path)
+    detail = _one_failed_event(config, tmp_path)["detail"]
     assert detail.endswith("current names no generation on flash"), detail
 
     lost = state / "ca0.der"
     lost.unlink()
-    detail = _one_failed_event(config, tmp_path)
+    detail = _one_failed_event(config, tmp_path)["detail"]
     assert detail == (
         f"error: CA file {lost}: no such file or directory (2)"
     ), detail
