@@ -254,6 +254,15 @@ class Fleet:
             sum(peak for _, peak in memory),
         )
 
+    def abandon(self) -> None:
+        """End every worker, whatever it was doing: the run is stopping."""
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                worker.tell("close")
+        for worker in self.workers:
+            worker.drain()
+            worker.end()
+
     def close(self) -> None:
         began = time.perf_counter()
         for worker in self.workers:
@@ -306,6 +315,14 @@ class Worker:
                 f"fleet worker said {line.strip()!r}, not {word!r} "
                 f"(exit {self.process.returncode})"
             )
+
+    def drain(self) -> None:
+        """Read what the worker says until it closed or ended."""
+        assert self.process.stdout is not None
+        with contextlib.suppress(OSError):
+            for line in self.process.stdout:
+                if line.strip() == "closed":
+                    return
 
     def end(self) -> None:
         if self.process.stdin is not None:
@@ -430,8 +447,10 @@ def main() -> int:
         try:
             fleet.make()
             fleet.connect()
-        finally:
-            fleet.close()
+        except BaseException:
+            fleet.abandon()
+            raise
+        fleet.close()
     build_table(fleet, start, start_broker).print()
     count = fleet.count
     report.summarize(

@@ -66,7 +66,13 @@ def arguments(
 
 
 def quiet_logging() -> None:
-    """Warnings and errors to stderr; benchmarks add their own handlers."""
+    """Warnings and errors to stderr; benchmarks add their own handlers.
+
+    The TSS libraries' own error lines are silenced too: a run stopped
+    midway flushes keys of a TPM already stopped, which they would
+    report after the run's one line.
+    """
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
     handler.setFormatter(

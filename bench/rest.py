@@ -31,6 +31,7 @@ from bench import report
 from bench.stopping import stoppable
 from bench.world import Device, world
 from device_agent.keys import tpmproc
+from firmware_sim.process import stop_process
 
 SAMPLE_SECONDS = 3.0
 HEARTBEAT = 10.0
@@ -70,8 +71,7 @@ def main() -> None:
             helpers = _children(agent.pid)
         finally:
             for process in (agent, baseline, heavy):
-                process.terminate()
-                process.wait(timeout=15)
+                stop_process(process, timeout=15)
         restarted_mem = _restarted_memory(device)
         status_times = [_timed(device.command("status")) for _ in range(5)]
         python_times = [
@@ -151,8 +151,7 @@ def _restarted_memory(device: Device) -> tuple[float, float]:
         time.sleep(SAMPLE_SECONDS)
         return report.memory(agent.pid)
     finally:
-        agent.terminate()
-        agent.wait(timeout=15)
+        stop_process(agent, timeout=15)
 
 
 def _children(pid: int) -> int:

@@ -542,7 +542,9 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     common.positive(
         parser, options, "outage", "stall", "cap", "heartbeat", "cpu"
     )
-    common.positive(parser, options, "tight_queue", zero=True)
+    # The agent's offline_queue is at least 1: a message holds its
+    # place until the broker acknowledges it.
+    common.positive(parser, options, "tight_queue")
     return options
 
 

@@ -46,6 +46,7 @@ from bench.stopping import stoppable
 from bench.world import Device, World, world
 from campaigns import common
 from device_agent.agent import RestartError
+from firmware_sim.process import stop_process
 
 DEVICE = "faults-tpm"
 DEFAULT_HANDSHAKES = 1000
@@ -161,9 +162,8 @@ class Daemon:
         )
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
+        if self.process is not None:
+            stop_process(self.process, timeout=20)
 
     def tail(self) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()

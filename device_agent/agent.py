@@ -8,9 +8,10 @@ import json
 import logging
 import os
 import random
+import select
 import signal
-import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -104,7 +105,7 @@ class Agent:
         self._status_written: tuple[str, float] | None = None
         self.renewals = policy.LoopDetector(floor=self.settings.renew_floor)
 
-        self._wake = threading.Event()
+        self._wake = Wakeup()
         self._stop = False
         self.stopping = StopSignal()
         self._renew_now = False
@@ -228,7 +229,6 @@ class Agent:
         if self.notifier.watchdog_interval is not None:
             wait = min(wait, self.notifier.watchdog_interval)
         self._wake.wait(wait)
-        self._wake.clear()
 
     # -- credentials and sessions -------------------------------------
 
@@ -824,6 +824,40 @@ class Agent:
             len(self.outbox),
             self.outbox.dropped,
         )
+
+
+class Wakeup:
+    """Ends the agent's sleep early: from a signal handler or a thread.
+
+    A threading.Event cannot serve: a handler runs in the main thread
+    between two of its steps, and Event.set() takes a lock the main
+    thread may hold at that moment (inside Event.wait()), which would
+    deadlock the agent for good. A pipe needs no lock.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        weakref.finalize(self, _close_all, self._read, self._write)
+
+    def set(self) -> None:
+        # A full pipe has a wake-up pending already.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"\0")
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, less if woken; clears the wake-up."""
+        select.select([self._read], [], [], max(seconds, 0.0))
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+
+
+def _close_all(*descriptors: int) -> None:
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
 
 
 def running_pid(state_dir: Path) -> int | None:

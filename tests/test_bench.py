@@ -159,3 +159,61 @@ def test_bench_run_help_says_what_it_does_and_runs_nothing(option):
     assert "--runs RUNS" in result.stdout
     assert "## bench." not in result.stdout
     assert result.stderr == ""
+
+
+def test_a_stop_signal_to_bench_run_stops_the_benchmark_and_the_run():
+    """SIGTERM to bench/run alone reaches the running benchmark, which
+    stops what it started; no later benchmark starts."""
+    import signal
+    import time
+
+    run = subprocess.Popen(
+        [str(TOP / "bench" / "run"), "--runs", "50"],
+        cwd=TOP,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline().startswith("## bench.")
+        time.sleep(3)  # inside the first benchmark's world
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert "error: stopped by SIGTERM" in err
+    assert "Traceback" not in err
+    assert "## bench." not in out  # nothing after the first
+
+
+def test_a_stopped_fleet_ends_workers_caught_mid_conversation():
+    """Stopped while a worker's 'connected' is unread: it still ends."""
+    sys.path.insert(0, str(TOP))
+    from bench import fleet
+
+    script = (
+        "import sys\n"
+        "print('ready', flush=True)\n"
+        "print('connected', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    if line.strip() == 'close':\n"
+        "        print('closed', flush=True)\n"
+        "        break\n"
+    )
+    worker = fleet.Worker.__new__(fleet.Worker)
+    worker.process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.process.stdout is not None
+    assert worker.process.stdout.readline() == "ready\n"
+    stopping = fleet.Fleet.__new__(fleet.Fleet)
+    stopping.workers = [worker]
+
+    stopping.abandon()
+
+    assert worker.process.returncode == 0

@@ -30,6 +30,7 @@ GROUPS = "chains,configs,cli,responses,requests"
             "--top /: not the top of a git checkout",
         ),
         ("network", ["--cpu", "-1"], "--cpu must be positive"),
+        ("network", ["--tight-queue", "0"], "--tight-queue must be positive"),
         ("network", ["--outage", "nan"], "--outage must be positive"),
         (
             "network",
