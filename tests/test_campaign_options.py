@@ -32,11 +32,7 @@ GROUPS = "chains,configs,cli,responses,requests"
         ("network", ["--cpu", "-1"], "--cpu must be positive"),
         ("network", ["--tight-queue", "0"], "--tight-queue must be positive"),
         ("network", ["--outage", "nan"], "--outage must be positive"),
-        (
-            "network",
-            ["--tight-queue", "-1"],
-            "--tight-queue must not be negative",
-        ),
+        ("network", ["--tight-queue", "-1"], "--tight-queue must be positive"),
         ("soak", ["--minutes", "inf"], "--minutes must be positive"),
         (
             "soak",
