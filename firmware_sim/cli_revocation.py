@@ -22,7 +22,7 @@ from firmware_sim.cli_factory import CA_DIR, DB_FILE
 from firmware_sim.cli_registrar import put_out_of_service
 from firmware_sim.errors import SimError
 from firmware_sim.factory import FactoryLine
-from firmware_sim.params import RegularFile, directory_option
+from firmware_sim.params import directory_option
 from firmware_sim.registry import DECOMMISSIONED, REVOKED
 from firmware_sim.revocation import check_crl_file
 
@@ -145,7 +145,9 @@ def decommission(
 
 
 @click.command("crl-check")
-@click.argument("crl_file", type=RegularFile())
+# Any path: a missing or unreadable file is status 4, which monitoring
+# tells apart from a usage mistake (2).
+@click.argument("crl_file", type=click.Path(path_type=Path))
 @click.option(
     "--warn-seconds",
     type=click.FloatRange(0),
@@ -166,7 +168,8 @@ def crl_check(crl_file: Path, warn_seconds: float) -> None:
       1  a CRL has expired, or is not yet valid (thisUpdate to come)
       2  the command was used wrongly
       3  a CRL expires within --warn-seconds (a warning names it)
-      4  the file holds no CRL, or one of its CRLs is unreadable
+      4  the file cannot be read, holds no CRL, or one of its CRLs is
+         unreadable
     """
     warnings = check_crl_file(crl_file, warn_seconds)
     for warning in warnings:

@@ -503,6 +503,19 @@ def test_cli_crl_check_says_a_file_of_neither_form_holds_no_crl(
     assert path.read_bytes() == content
 
 
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_cli_crl_check_of_a_file_it_cannot_read_is_status_4(tmp_path, kind):
+    path = tmp_path / "crl.pem"
+    if kind == "directory":
+        path.mkdir()
+
+    result = invoke(["crl-check", str(path)])
+
+    assert result.exit_code == 4, result.output
+    assert result.output.startswith(f"error: {path}: cannot be read (")
+    assert len(result.output.splitlines()) == 1
+
+
 def test_cli_crl_check_names_the_unreadable_block_of_a_crlfile(
     factory_ca, tmp_path
 ):
@@ -746,4 +759,4 @@ def test_cli_crl_check_exits_3_on_a_warning_and_1_when_expired(
     assert "expired at" in expired.output
     assert "3  a CRL expires within --warn-seconds" in helped.output
     assert "1  a CRL has expired, or is not yet valid" in helped.output
-    assert "4  the file holds no CRL, or one of its CRLs" in helped.output
+    assert "4  the file cannot be read, holds no CRL" in helped.output
