@@ -109,11 +109,16 @@ class CertificateAuthority:
         directory: Path,
         name: str = "Device Factory",
         days: int = CA_DAYS,
+        *,
+        issued_record: bool = True,
     ) -> CertificateAuthority:
         """Make a new root and intermediate in ``directory`` (made 0700).
 
         Refuses to touch a directory that already holds any CA file, and
-        a name or lifetime that would make an unusable CA.
+        a name or lifetime that would make an unusable CA. Without
+        ``issued_record`` the CA keeps no file of the serials it issues
+        (and then revokes any serial): for a CA whose issuances are
+        recorded elsewhere.
         """
         check_name(name)
         check_days(days)
@@ -125,7 +130,7 @@ class CertificateAuthority:
             raise CAError(f"{directory} already holds a CA ({existing[0]})")
 
         ca = cls._generate(directory, name, days)
-        ca._save()
+        ca._save(issued_record)
         logger.info("CA %r created in %s", name, directory)
         return ca
 
@@ -428,14 +433,15 @@ class CertificateAuthority:
 
         return cls(directory, root, root_key, intermediate, intermediate_key)
 
-    def _save(self) -> None:
+    def _save(self, issued_record: bool) -> None:
         files = [
             (ROOT_KEY, key_pem(self._root_key), 0o600),
             (INTERMEDIATE_KEY, key_pem(self._intermediate_key), 0o600),
             (ROOT_CERT, chain_pem([self.root]), 0o644),
             (INTERMEDIATE_CERT, chain_pem([self.intermediate]), 0o644),
-            (ISSUED, b"", 0o644),
         ]
+        if issued_record:
+            files.append((ISSUED, b"", 0o644))
         _make_private_dir(self.directory)
 
         # Half a CA would make the next 'ca init' refuse the directory,
