@@ -874,7 +874,7 @@ def best_credential(
             )
             continue
         stranger = other_device(leaf, settings.device_id) or key_disagrees(
-            settings, generation, leaf
+            settings, generation, leaf, read_tpm_keys=False
         )
         if stranger is not None:
             if lineage == FACTORY:
@@ -899,16 +899,27 @@ def best_credential(
 
 
 def key_disagrees(
-    settings: Settings, generation: Generation, leaf: x509.Certificate
+    settings: Settings,
+    generation: Generation,
+    leaf: x509.Certificate,
+    *,
+    read_tpm_keys: bool = True,
 ) -> str | None:
     """Why the generation's key cannot present ``leaf``, or None if it can.
 
     A key file emptied, damaged or swapped for another key would fail
-    only inside the TLS handshake, with OpenSSL's words for it.
+    only inside the TLS handshake, with OpenSSL's words for it. Without
+    ``read_tpm_keys`` a TPM key blob is only checked for its armour:
+    reading its public key takes the TSS bindings, several megabytes a
+    process that only connects through the OpenSSL provider never needs.
     """
     key_path = generation.key_path()
     if key_path is None:
         return f"generation {generation.number} holds no key"
+    kind = keys.kind_of(key_path)
+    if kind == "tpm" and not read_tpm_keys:
+        trouble = _key_trouble(key_path, kind)
+        return None if trouble is None else f"key unreadable: {trouble}"
     try:
         public_key = keys.for_key(key_path, settings).public_key(key_path)
     except KeyStoreError as exc:
