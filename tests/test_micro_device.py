@@ -362,10 +362,7 @@ def test_stock_firmware_refuses_a_secure_element_key_in_one_line(
             }
         )
     )
-    code = (
-        "import sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from device_agent.micro import agent\n"
+    chip = (
         "from device_agent.micro.signer import Signer\n"
         "class Chip(Signer):\n"
         "    kind = 'ATECC608'\n"
@@ -373,20 +370,8 @@ def test_stock_firmware_refuses_a_secure_element_key_in_one_line(
         "    def tls_key(self, slot):\n"
         "        return None\n"
         "agent.make_signer = lambda config: Chip()\n"
-        f"sys.exit(0 if agent.main({str(config)!r}) else 1)\n"
     )
-    result = subprocess.run(
-        [str(MICROPYTHON), "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr == ""
-    [line] = result.stdout.splitlines()
-    event = json.loads(line[len("EVENT ") :])
-    assert event["event"] == "failed"
+    event = _one_failed_event(config, tmp_path, chip)
     assert event["key"] == "hardware-protected (ATECC608)"
     assert event["detail"] == (
         "error: TransportError: this firmware's TLS stack cannot sign "
@@ -394,14 +379,16 @@ def test_stock_firmware_refuses_a_secure_element_key_in_one_line(
     )
 
 
-def _one_failed_event(config_path, tmp_path):
+def _one_failed_event(config_path, tmp_path, prelude=""):
     """The one ``failed`` event of a board agent run on ``config_path``;
-    ``tmp_path`` may hold a stand-in module (ntptime)."""
+    ``tmp_path`` may hold a stand-in module (ntptime), ``prelude`` runs
+    before the agent does."""
     code = (
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "from device_agent.micro import agent\n"
+        f"{prelude}"
         f"sys.exit(0 if agent.main({str(config_path)!r}) else 1)\n"
     )
     result = subprocess.run(
